@@ -1,0 +1,202 @@
+"""Profiles: one YAML file per profile (``configs/<profile>.yaml``), one section per stage.
+
+Overrides use dotted keys with YAML-typed values, as on the command line (``--set sft.lr=1e-3``).
+Typed stage configs are dataclasses built from a section by :func:`from_section`, which rejects
+unknown keys so a typo never passes silently.
+
+>>> cfg = apply_overrides({"sft": {"lr": 0.001, "steps": 10}}, ["sft.steps=20", "run.seed=3"])
+>>> cfg["sft"]["steps"], cfg["run"]["seed"]
+(20, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A profile or override that cannot be used; names the file and key."""
+
+
+def _yaml():
+    import yaml  # pyyaml is in both environments; imported lazily to keep `core` light
+
+    return yaml
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, null, lists).
+
+    >>> parse_value("1e-3"), parse_value("true"), parse_value("[1, 2]"), parse_value("a/b")
+    (0.001, True, [1, 2], 'a/b')
+    """
+    try:
+        value = _yaml().safe_load(text)
+    except Exception:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") and _is_float(value) else value
+        except ValueError:
+            return value
+    return value
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a deep copy of ``config`` with ``key.sub=value`` overrides applied."""
+    result = json.loads(json.dumps(config))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = result
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return result
+
+
+def load_profile(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Read a profile YAML (with an optional ``extends: other.yaml``) and apply overrides."""
+    data = _read_profile(Path(path))
+    data.setdefault("profile", {}).setdefault("name", Path(path).stem)
+    return apply_overrides(data, overrides)
+
+
+def _read_profile(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"profile not found: {path}")
+    try:
+        data = _yaml().safe_load(path.read_text(encoding="utf-8")) or {}
+    except Exception as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent:
+        data = deep_merge(_read_profile(path.parent / parent), data)
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into a copy of ``base``, recursing into nested mappings.
+
+    >>> deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}})
+    {'a': {'x': 1, 'y': 3}}
+    """
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved config, recorded on runs and model versions."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def from_section(cls: type[T], section: Mapping[str, Any] | None, *, name: str = "") -> T:
+    """Build a dataclass from a profile section; unknown keys and bad types are errors.
+
+    >>> @dataclasses.dataclass
+    ... class Demo:
+    ...     steps: int = 10
+    ...     lr: float = 1e-3
+    >>> from_section(Demo, {"steps": "20"})
+    Demo(steps=20, lr=0.001)
+    >>> from_section(Demo, {"stpes": 1}, name="sft")
+    Traceback (most recent call last):
+    ...
+    facial_r1_core.config.ConfigError: sft: unknown key(s) stpes; known: steps, lr
+    """
+    section = dict(section or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{name or cls.__name__}: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in section.items():
+        try:
+            kwargs[key] = _coerce(value, hints.get(key, Any))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name or cls.__name__}.{key}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any or value is None:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{value!r} does not fit {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner) for v in value]
+        return items if origin is list else tuple(items)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError(f"expected true/false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(f"expected a number, got {value!r}")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError(f"expected an integer, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if isinstance(value, dict | list):
+            raise TypeError(f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict (for logging as MLflow params)."""
+    return dataclasses.asdict(obj)

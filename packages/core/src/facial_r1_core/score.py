@@ -1,0 +1,207 @@
+"""``facial-r1 score``: parse, reward and filter completions in a JSONL file.
+
+Each input line holds ``completion`` plus the record's ``AUs`` and ``labels``; every other field
+passes through. A malformed line is reported with its number and counted; it never stops the run
+and never shifts the other lines. Exit 0 when all lines scored, 1 when some were malformed,
+2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .filter import check
+from .metrics import au_metrics, emotion_metrics
+from .rewards import VARIANTS, score
+from .schema import atomic_write
+from .vocab import UnknownLabelError, normalize_au, try_normalize_emotion
+
+EXIT_OK, EXIT_MALFORMED, EXIT_USAGE = 0, 1, 2
+
+
+class MalformedLineError(ValueError):
+    pass
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MalformedLineError(f"field '{name}' must be a list of strings, got {value!r}")
+    return value
+
+
+def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
+    """Score one parsed JSON line; :class:`MalformedLineError` says what is wrong with it.
+
+    >>> out = score_row({"completion": "<think>(AU12)</think><answer>happy</answer>",
+    ...                  "AUs": ["AU12"], "labels": ["happiness"], "id": "x"})
+    >>> out["id"], out["rewards"]["total"], out["filter"]["accepted"]
+    ('x', 3.0, True)
+    """
+    if not isinstance(row, dict):
+        raise MalformedLineError(f"expected a JSON object, got {type(row).__name__}")
+    if "completion" not in row:
+        raise MalformedLineError("missing field 'completion'")
+    completion = row["completion"]
+    if not isinstance(completion, str | list):
+        raise MalformedLineError(
+            f"field 'completion' must be a string, got {type(completion).__name__}"
+        )
+    aus = _string_list(row.get("AUs"), "AUs")
+    labels = _string_list(row.get("labels"), "labels")
+    try:
+        aus = [normalize_au(a) for a in aus]
+    except UnknownLabelError as exc:
+        raise MalformedLineError(f"field 'AUs': {exc}") from None
+    unknown = [x for x in labels if try_normalize_emotion(x) is None]
+    if unknown:
+        raise MalformedLineError(f"field 'labels': unknown emotion label(s) {unknown}")
+    try:
+        verdict = check(completion, aus, labels)
+        rewards = score(completion, aus, labels, variant)
+    except TypeError as exc:
+        raise MalformedLineError(f"field 'completion': {exc}") from None
+    return {
+        **row,
+        "parsed": verdict.parsed.to_dict(),
+        "rewards": rewards,
+        "filter": verdict.to_dict(),
+    }
+
+
+def score_file(
+    input_path: str | Path, output_path: str | Path, variant: str = "paper", *, echo=None
+) -> dict[str, Any]:
+    """Score every line of ``input_path`` into ``output_path`` (atomic); returns the summary."""
+    started = time.perf_counter()
+    read = scored = 0
+    malformed: list[dict[str, Any]] = []
+    sums = {"au": 0.0, "accuracy": 0.0, "format": 0.0, "total": 0.0}
+    accepted = 0
+    emo_true: list[str | None] = []
+    emo_pred: list[str | None] = []
+    au_true: list[list[str]] = []
+    au_pred: list[list[str]] = []
+    with open(input_path, encoding="utf-8") as src, atomic_write(output_path) as dst:
+        for number, text in enumerate(src, start=1):
+            if not text.strip():
+                continue
+            read += 1
+            try:
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise MalformedLineError(
+                        f"invalid JSON: {exc.msg} at column {exc.colno}"
+                    ) from None
+                out = score_row(row, variant)
+            except MalformedLineError as exc:
+                malformed.append({"line": number, "error": str(exc)})
+                if echo:
+                    echo(f"{input_path}:{number}: malformed line: {exc}")
+                continue
+            scored += 1
+            dst.write(json.dumps(out, ensure_ascii=False) + "\n")
+            for key in sums:
+                sums[key] += out["rewards"][key]
+            accepted += out["filter"]["accepted"]
+            labels = [try_normalize_emotion(x) for x in out.get("labels") or []]
+            if len(labels) == 1:
+                emo_true.append(labels[0])
+                predicted = out["parsed"]["emotion"]
+                emo_pred.append(predicted[0] if len(predicted) == 1 else None)
+            if out.get("AUs"):
+                au_true.append([normalize_au(a) for a in out["AUs"]])
+                au_pred.append(out["parsed"]["aus"])
+    elapsed = time.perf_counter() - started
+    aus = au_metrics(au_true, au_pred) if au_true else None
+    summary = {
+        "input": str(input_path),
+        "output": str(output_path),
+        "variant": variant,
+        "lines_read": read,
+        "scored": scored,
+        "malformed": len(malformed),
+        "malformed_lines": malformed[:100],
+        "mean_rewards": {k: (v / scored if scored else 0.0) for k, v in sums.items()},
+        "acceptance_rate": accepted / scored if scored else 0.0,
+        "emotion_accuracy": emotion_metrics(emo_true, emo_pred)["accuracy"] if emo_true else None,
+        "au_f1_micro": aus["micro_f1"] if aus else None,
+        "au_f1_macro": aus["macro_f1"] if aus else None,
+        "seconds": round(elapsed, 3),
+        "lines_per_second": round(read / elapsed, 1) if elapsed > 0 else None,
+    }
+    assert summary["lines_read"] == summary["scored"] + summary["malformed"]
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def print_summary(summary: dict[str, Any], stream=None) -> None:
+    stream = stream or sys.stdout
+    rows = [
+        ("lines read", summary["lines_read"]),
+        ("scored", summary["scored"]),
+        ("malformed", summary["malformed"]),
+        ("mean reward AU", summary["mean_rewards"]["au"]),
+        ("mean reward accuracy", summary["mean_rewards"]["accuracy"]),
+        ("mean reward format", summary["mean_rewards"]["format"]),
+        ("mean reward total", summary["mean_rewards"]["total"]),
+        ("filter acceptance rate", summary["acceptance_rate"]),
+        ("emotion accuracy", summary["emotion_accuracy"]),
+        ("AU F1 micro", summary["au_f1_micro"]),
+        ("AU F1 macro", summary["au_f1_macro"]),
+        ("lines per second", summary["lines_per_second"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {_fmt(value)}", file=stream)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="parse, reward and filter completions in a JSONL file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="JSONL with completion, AUs and labels per line")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="scored JSONL to write")
+    parser.add_argument(
+        "--reward-variant",
+        choices=VARIANTS,
+        default="paper",
+        help="paper definitions (default) or the authors' reference code",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object on the last line"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.input.is_file():
+        print(f"facial-r1 score: input not found: {args.input}", file=sys.stderr)
+        return EXIT_USAGE
+    summary = score_file(
+        args.input, args.output, args.reward_variant, echo=lambda m: print(m, file=sys.stderr)
+    )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    return EXIT_MALFORMED if summary["malformed"] else EXIT_OK

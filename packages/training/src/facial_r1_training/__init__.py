@@ -1,0 +1,1 @@
+"""Facial-R1 training: models, SFT, GRPO, generation, synthesis, filtering, evaluation."""
