@@ -115,3 +115,38 @@ def test_reference_au_reward_is_affine_in_paper_reward(truth, named):
     paper = au_reward([text], AUs=[sorted(truth)])[0]
     reference = au_reward_reference([text], AUs=[sorted(truth)])[0]
     assert reference == pytest.approx(2 * paper - 1)
+
+
+completion_parts = st.lists(
+    st.sampled_from(
+        [
+            "<think>",
+            "</think>",
+            "<answer>",
+            "</answer>",
+            "AU4",
+            "(AU12)",
+            " not ",
+            "anger",
+            "happy",
+            " or ",
+            ", ",
+            "x",
+        ]
+    ),
+    max_size=12,
+).map("".join)
+
+
+@given(
+    completion_parts,
+    st.sampled_from([[], ["AU4"], ["AU4", "AU12"]]),
+    st.sampled_from([[], ["anger"], ["happiness"]]),
+    st.sampled_from(["paper", "reference"]),
+)
+def test_score_agrees_with_the_trl_reward_functions(text, aus, labels, variant):
+    au_fn, acc_fn, fmt_fn = reward_functions(variant)
+    expected = [au_fn([text], AUs=[aus])[0], acc_fn([text], labels=[labels])[0], fmt_fn([text])[0]]
+    got = score(text, aus, labels, variant)
+    assert [got["au"], got["accuracy"], got["format"]] == pytest.approx(expected)
+    assert got["total"] == pytest.approx(sum(expected))

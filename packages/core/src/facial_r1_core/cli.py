@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.register(sub)
     for ep in sorted(entry_points(group="facial_r1.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # one broken package must not take every command down
+            print(
+                f"facial-r1: warning: commands of {ep.value!r} unavailable: {exc!r}",
+                file=sys.stderr,
+            )
     return parser
 
 

@@ -173,18 +173,31 @@ def score(
     AUs: Sequence[str] | None,
     labels: Sequence[str] | None,
     variant: str = "paper",
+    *,
+    parsed: ParsedCompletion | None = None,
 ) -> dict[str, float]:
-    """All rewards of one completion and their sum.
+    """All rewards of one completion and their sum (pass ``parsed`` to skip re-parsing).
 
     >>> score("<think>Smile (AU12), cheeks up (AU6).</think><answer>happy</answer>",
     ...       ["AU6", "AU12"], ["happiness"])
     {'au': 1.0, 'accuracy': 1.0, 'format': 1.0, 'total': 3.0}
     """
-    au_fn, acc_fn, fmt_fn = reward_functions(variant)
-    values = {
-        "au": au_fn([completion], AUs=[AUs])[0],
-        "accuracy": acc_fn([completion], labels=[labels])[0],
-        "format": fmt_fn([completion])[0],
-    }
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown reward variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    parsed = parsed or parse_completion(completion)
+    reference = variant == "reference"
+    truth_aus = _truth_aus(AUs)
+    if not truth_aus:
+        au = 0.0
+    elif not parsed.aus:
+        au = -1.0 if reference else 0.0
+    else:
+        f1 = f1_score(set(parsed.aus), truth_aus)
+        au = 2 * f1 - 1 if reference else f1
+    if not _truth_labels(labels):
+        accuracy = 0.5 if reference else 0.0
+    else:
+        accuracy = 1.0 if emotion_correct(parsed, labels) else 0.0
+    values = {"au": au, "accuracy": accuracy, "format": 1.0 if parsed.format_valid else 0.0}
     values["total"] = values["au"] + values["accuracy"] + values["format"]
     return values

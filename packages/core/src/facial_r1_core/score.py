@@ -66,7 +66,7 @@ def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
         raise MalformedLineError(f"field 'labels': unknown emotion label(s) {unknown}")
     try:
         verdict = check(completion, aus, labels)
-        rewards = score(completion, aus, labels, variant)
+        rewards = score(completion, aus, labels, variant, parsed=verdict.parsed)
     except TypeError as exc:
         raise MalformedLineError(f"field 'completion': {exc}") from None
     return {
