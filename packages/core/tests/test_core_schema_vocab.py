@@ -146,3 +146,23 @@ def test_profiles_and_overrides(tmp_path):
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="not found"):
         load_profile(tmp_path / "missing.yaml")
+
+
+from facial_r1_core.schema import check_image_path  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+path_parts = st.lists(
+    st.sampled_from(["a", "b.jpg", "..", ".", "", "~x", "c d"]), min_size=1, max_size=5
+)
+
+
+@given(path_parts, st.booleans())
+def test_accepted_image_paths_stay_inside(parts, absolute):
+    raw = ("/" if absolute else "") + "/".join(parts)
+    try:
+        safe = check_image_path(raw)
+    except ValueError:
+        return
+    assert not safe.startswith(("/", "~")) and ".." not in safe.split("/")
+    assert "" not in safe.split("/") and "." not in safe.split("/")

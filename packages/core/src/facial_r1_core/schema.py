@@ -18,8 +18,8 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .vocab import UnknownLabelError, normalize_au, normalize_emotion, sort_aus
@@ -81,12 +81,16 @@ def check_image_path(image: str) -> str:
         raise ValueError("image path must be a non-empty string")
     if "\\" in image or "\x00" in image:
         raise ValueError(f"image path must use '/' and no NUL bytes, got {image!r}")
-    path = PurePosixPath(image)
-    if path.is_absolute() or image.startswith("~"):
+    if image.startswith(("/", "~")):
         raise ValueError(f"image path must be relative to the dataset folder, got {image!r}")
-    if any(part == ".." for part in path.parts):
+    parts = image.split("/")
+    if ".." in parts:
         raise ValueError(f"image path must stay inside the dataset folder, got {image!r}")
-    return str(path)
+    if "" in parts or "." in parts:  # normalise a/./b and a//b the way PurePosixPath would
+        image = "/".join(p for p in parts if p not in ("", "."))
+        if not image:
+            raise ValueError("image path must name a file inside the dataset folder")
+    return image
 
 
 @dataclass
@@ -192,7 +196,17 @@ class Record:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # A direct dict: dataclasses.asdict deep-copies and dominated conversion time.
+        return {
+            "id": self.id,
+            "dataset": self.dataset,
+            "image": self.image,
+            "question": self.question,
+            "AUs": list(self.AUs),
+            "labels": list(self.labels),
+            "description": self.description,
+            "meta_info": self.meta_info,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
