@@ -87,9 +87,7 @@ def check_image_path(image: str) -> str:
     if ".." in parts:
         raise ValueError(f"image path must stay inside the dataset folder, got {image!r}")
     if "" in parts or "." in parts:  # normalise a/./b and a//b the way PurePosixPath would
-        image = "/".join(p for p in parts if p not in ("", "."))
-        if not image:
-            raise ValueError("image path must name a file inside the dataset folder")
+        return check_image_path("/".join(p for p in parts if p not in ("", ".")) or "/")
     return image
 
 
