@@ -20,7 +20,8 @@ VERB_MODULES = (
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "data", help="convert, validate, clean, balance, upscale, mix datasets; demo faces; seed data"
+        "data",
+        help="convert, validate, clean, balance, upscale, mix datasets; demo faces; seed data",
     )
     verbs = parser.add_subparsers(dest="data_command", metavar="VERB")
     for name in VERB_MODULES:

@@ -1,0 +1,220 @@
+"""``facial-r1 data mix``: one training JSONL from several converted datasets.
+
+Each ``--take FILE=SPEC`` names a converted JSONL and how much of it to take: ``all``,
+``first:N``, ``random:N`` (a uniform sample, deterministic by ``--seed``) or ``N%`` (exactly
+round(N% of the lines), sampled uniformly). Records keep their dataset folder, so every input must
+live in the output's root (the folder of ``--out``), the way the paper assembled FEA-20K from its
+sources. Repeated ids (the same image and question in two inputs) are quarantined, first kept.
+Sampled lines keep their file order; inputs follow the order of the ``--take`` options.
+
+>>> parse_spec("first:10"), parse_spec("random:5"), parse_spec("25%"), parse_spec("all")
+(('first', 10), ('random', 5), ('percent', 25.0), ('all', 0))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .report import QuarantineWriter, Tally, eprint, reports_dir, summary_line, write_report
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    text = spec.strip().lower()
+    try:
+        if text == "all":
+            return "all", 0
+        if text.endswith("%"):
+            value = float(text[:-1])
+            if not 0 <= value <= 100:
+                raise ValueError
+            return "percent", value
+        kind, _, number = text.partition(":")
+        if kind in ("first", "random") and int(number) >= 0:
+            return kind, int(number)
+    except ValueError:
+        pass
+    raise ValueError(f"sampling spec {spec!r}: use all, first:N, random:N or N%")
+
+
+def parse_take(text: str) -> tuple[Path, str]:
+    path, sep, spec = text.rpartition("=")
+    if not sep:
+        return Path(text), "all"
+    parse_spec(spec)
+    return Path(path), spec
+
+
+def _lines(path: Path):
+    with open(path, encoding="utf-8") as handle:
+        index = 0
+        for number, text in enumerate(handle, start=1):
+            if text.strip():
+                yield index, number, text
+                index += 1
+
+
+def _chosen(path: Path, kind: str, value: float, rng) -> tuple[set[int] | None, int]:
+    """Line indices to take (None = a prefix or all) and the number of lines read."""
+
+    if kind in ("all", "first"):
+        return None, -1
+    n = 0
+    if kind == "random":
+        k = int(value)
+        reservoir: list[int] = []
+        for index, _, _ in _lines(path):
+            n += 1
+            if index < k:
+                reservoir.append(index)
+            else:
+                j = int(rng.integers(0, index + 1))
+                if j < k:
+                    reservoir[j] = index
+        return set(reservoir), n
+    for _ in _lines(path):
+        n += 1
+    k = round(n * value / 100)
+    return {int(i) for i in rng.choice(n, size=k, replace=False)} if k else set(), n
+
+
+def mix(
+    takes: list[tuple[str | Path, str]],
+    out: str | Path,
+    *,
+    seed: int = 0,
+    report: str | Path | None = None,
+) -> dict[str, Any]:
+    import numpy as np
+    from facial_r1_core.schema import atomic_write
+
+    from .checks import IdIndex, id_key
+
+    out = Path(out)
+    root = out.parent.resolve()
+    if not takes:
+        raise ValueError("mix: give at least one --take FILE=SPEC")
+    parsed = []
+    for path, spec in takes:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"mix: input {path} does not exist")
+        if path.resolve().parent != root:
+            raise ValueError(
+                f"mix: {path} is not in the output's root {root}; records name their image "
+                "folder relative to their JSONL's folder, so mix files of one root"
+            )
+        if path.resolve() == out.resolve():
+            raise ValueError("mix: --out must not be one of the inputs")
+        parsed.append((path, spec, *parse_spec(spec)))
+    rng = np.random.default_rng(seed)
+    total = Tally()
+    seen = IdIndex()
+    inputs = []
+    q_path = reports_dir(root) / f"{out.stem}.mix.quarantine.jsonl"
+    start = time.perf_counter()
+    with atomic_write(out) as fout, atomic_write(q_path) as fq:
+        qw = QuarantineWriter(fq)
+        for path, spec, kind, value in parsed:
+            chosen, _ = _chosen(path, kind, value, rng)
+            read = selected = written = 0
+            for index, number, text in _lines(path):
+                read += 1
+                if kind == "first" and index >= value:
+                    continue
+                if chosen is not None and index not in chosen:
+                    continue
+                selected += 1
+                total.read_one()
+                src = {"file": path.name, "line": number}
+                try:
+                    d = json.loads(text)
+                    rid = d["id"]
+                    if not isinstance(rid, str):
+                        raise KeyError
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    total.reject("invalid_json")
+                    qw.write(
+                        "invalid_json",
+                        "not a JSON record with an id; run clean first",
+                        src,
+                        text.rstrip("\n"),
+                    )
+                    continue
+                key = id_key(rid)
+                is_copy = bool((d.get("meta_info") or {}).get("copy"))
+                if key in seen and not is_copy:
+                    total.reject("duplicate_id")
+                    qw.write(
+                        "duplicate_id", f"id {rid} already taken from an earlier input", src, d
+                    )
+                    continue
+                seen.add(key)
+                fout.write(text.rstrip("\n") + "\n")
+                written += 1
+                total.keep(d.get("labels") or [], d.get("AUs") or [])
+            inputs.append(
+                {
+                    "file": path.name,
+                    "spec": spec,
+                    "read": read,
+                    "selected": selected,
+                    "written": written,
+                    "quarantined": selected - written,
+                }
+            )
+        total.check()
+    result = {
+        "command": "mix",
+        "output": str(out),
+        "seed": seed,
+        "inputs": inputs,
+        **total.as_dict(),
+        "quarantine_file": str(q_path),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+    result["read_note"] = "read counts the selected lines; inputs[].read counts every line"
+    r_path = Path(report) if report else reports_dir(root) / f"{out.stem}.mix.json"
+    write_report(r_path, result)
+    result["report_file"] = str(r_path)
+    return result
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "mix",
+        help="build one JSONL from several converted datasets (all, first:N, random:N, N%%)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--take",
+        action="append",
+        required=True,
+        metavar="FILE=SPEC",
+        help="an input JSONL and its sampling (repeatable); SPEC defaults to all",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output JSONL in the same root")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", type=Path)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        takes = [parse_take(t) for t in args.take]
+        result = mix(takes, args.out, seed=args.seed, report=args.report)
+    except (OSError, ValueError) as exc:
+        eprint(f"facial-r1 data mix: error: {exc}")
+        return 2
+    print(summary_line("mix", result))
+    for item in result["inputs"]:
+        print(
+            f"  {item['file']} ({item['spec']}): {item['selected']} of {item['read']} selected,"
+            f" {item['written']} written"
+        )
+    print(f"  report: {result['report_file']}")
+    return 0
