@@ -1,0 +1,375 @@
+"""The two data steps of an iteration, as commands any runner can start.
+
+``facial-r1 pipeline prepare-data`` makes ``data/`` match ``data.dvc`` and checks the inputs;
+``facial-r1 pipeline version-data`` adds ``data/`` as a new DVC version and pushes it. Both follow
+the stage contract (``--config --set --result``) so the local runner runs them as processes and
+the Kubernetes runner as CPU pods next to the shared volume.
+
+prepare-data, in order (nothing is ever deleted):
+
+1. ``dvc init`` if needed (analytics off) and a default remote (the local folder
+   ``.dvc-remote/`` unless one is configured);
+2. ``data.dvc`` exists and ``data/`` matches it: make sure the remote has it (push if not);
+   ``data/`` missing: ``dvc pull``; ``data/`` differs from ``data.dvc``: keep it (an interrupted
+   iteration left work that version_data will record) and say so;
+3. no ``data.dvc`` yet, or the remote cannot provide it (fresh clone, empty remote): with
+   ``--bootstrap``, build the demo dataset (``facial-r1 data demo-faces`` and
+   ``facial-r1 data seed-sft``), then ``dvc add`` + ``dvc push``;
+4. the profile's base model folder (``model.path`` under ``runs/``) missing: with
+   ``--bootstrap``, ``facial-r1 model build-tiny``;
+5. every input file is validated (schema per line, image present); errors name file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("facial_r1.pipeline.data")
+
+
+class DataStepError(RuntimeError):
+    pass
+
+
+def _facial_r1() -> str:
+    """The ``facial-r1`` command of the running environment."""
+    candidate = Path(sys.executable).with_name("facial-r1")
+    return str(candidate) if candidate.exists() else (shutil.which("facial-r1") or "facial-r1")
+
+
+def _run_command(argv: Sequence[str], repo: Path, result: Path) -> dict[str, Any]:
+    print(f"$ {' '.join(argv)}", flush=True)
+    env = {**os.environ, "FACIAL_R1_HOME": str(repo)}
+    proc = subprocess.run([*argv, "--result", str(result)], cwd=repo, env=env)
+    if proc.returncode != 0:
+        raise DataStepError(f"`{' '.join(argv[:3])}` failed with exit code {proc.returncode}")
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
+def validate_file(repo: Path, path: str, max_errors: int = 5) -> dict[str, int]:
+    """Schema of every line and presence of every image; DataStepError lists the first errors."""
+    from facial_r1_core.schema import iter_records_lenient
+
+    file = repo / path
+    if not file.is_file():
+        raise DataStepError(f"input file missing: {path}")
+    root = file.parent
+    ok = bad = missing = 0
+    errors: list[str] = []
+    for item in iter_records_lenient(file):
+        if item.record is None:
+            bad += 1
+            if len(errors) < max_errors:
+                errors.append(f"{path}:{item.line}: {item.error}")
+            continue
+        if not item.record.image_path(root).is_file():
+            missing += 1
+            if len(errors) < max_errors:
+                errors.append(
+                    f"{path}:{item.line}: image not found: {item.record.image_path(root)}"
+                )
+            continue
+        ok += 1
+    if bad or missing:
+        raise DataStepError(
+            f"{path}: {bad} invalid record(s), {missing} missing image(s):\n  "
+            + "\n  ".join(errors)
+        )
+    if ok == 0:
+        raise DataStepError(f"{path}: no records")
+    return {"records": ok}
+
+
+def _needs_bootstrap(repo: Path, files: Mapping[str, str]) -> bool:
+    return any(not (repo / f).is_file() for f in files.values())
+
+
+def bootstrap_data(repo: Path, config: str, overrides: Sequence[str], work: Path) -> None:
+    """Build the demo faces and their seed reasoning set (deterministic by seed)."""
+    exe = _facial_r1()
+    sets = [a for o in overrides for a in ("--set", o)]
+    _run_command(
+        [exe, "data", "demo-faces", "--config", config, *sets, "--no-mlflow", "--no-progress"],
+        repo,
+        work / "demo_faces.json",
+    )
+    _run_command(
+        [exe, "data", "seed-sft", "--config", config, *sets, "--no-mlflow"],
+        repo,
+        work / "seed_sft.json",
+    )
+
+
+def bootstrap_model(
+    repo: Path,
+    profile: Mapping[str, Any],
+    config: str,
+    overrides: Sequence[str],
+    work: Path,
+    allowed: bool,
+) -> str:
+    path = str((profile.get("model") or {}).get("path") or "")
+    if not path or (repo / path).exists() or not path.startswith("runs/"):
+        return "present" if path and (repo / path).exists() else "external"
+    if not allowed:
+        raise DataStepError(
+            f"base model folder {path} is missing (enable bootstrap, or run "
+            "`facial-r1 model build-tiny`)"
+        )
+    sets = [a for o in overrides for a in ("--set", o)]
+    _run_command(
+        [_facial_r1(), "model", "build-tiny", "--config", config, *sets],
+        repo,
+        work / "model_build_tiny.json",
+    )
+    return "built"
+
+
+def prepare(
+    repo: Path,
+    profile: Mapping[str, Any],
+    config: str,
+    overrides: Sequence[str],
+    checks: Sequence[str],
+    bootstrap: bool,
+    work: Path,
+    restore_md5: str = "",
+) -> tuple[dict, dict]:
+    from . import dvc
+    from .iteration import input_files
+
+    started = time.time()
+    files = input_files(profile)
+    remote = dvc.ensure_repo(repo)
+    version = dvc.read_version(repo)
+    data_dir = repo / dvc.TRACKED
+    state = "unchanged"
+    have_data = data_dir.is_dir() and any(data_dir.iterdir())
+    if version is not None and not have_data:
+        print(f"data/ missing: dvc pull of {version.md5} from remote {remote}", flush=True)
+        try:
+            dvc.pull(repo)
+            state = "pulled"
+        except dvc.DvcError as exc:
+            # e.g. a fresh clone whose remote is empty: rebuilt below when bootstrap is allowed
+            print(f"dvc pull failed: {str(exc).splitlines()[0]}", flush=True)
+    elif version is not None:
+        if dvc.workspace_matches(repo):
+            if not dvc.in_remote(repo):
+                print(f"remote {remote} lacks {version.md5}: pushing it", flush=True)
+                dvc.push(repo)
+                state = "pushed"
+        else:
+            state = "unversioned-changes"
+            print(
+                "data/ differs from data.dvc (work of an interrupted iteration?): keeping it; "
+                "version_data will record it",
+                flush=True,
+            )
+    missing_checks = [c for c in checks if not (repo / c).is_file()]
+    if missing_checks and restore_md5:
+        state = restore_version(repo, restore_md5, missing_checks)
+    if _needs_bootstrap(repo, files):
+        if not bootstrap:
+            missing = [f for f in files.values() if not (repo / f).is_file()]
+            raise DataStepError(
+                f"input files missing: {', '.join(missing)} (dvc pull failed or "
+                "there is no data version yet; enable bootstrap to build the "
+                "demo dataset)"
+            )
+        print("building the demo dataset (fresh clone or empty remote)", flush=True)
+        bootstrap_data(repo, config, overrides, work)
+        new = dvc.version_and_push(repo)
+        print(f"demo dataset versioned as {new.md5} and pushed to {remote}", flush=True)
+        state = "bootstrapped"
+    model_state = bootstrap_model(repo, profile, config, overrides, work, bootstrap)
+    metrics: dict[str, float] = {}
+    for name, path in {**files, **{f"check{i}": c for i, c in enumerate(checks)}}.items():
+        counts = validate_file(repo, path)
+        metrics[f"records_{name}"] = counts["records"]
+    version = dvc.read_version(repo)
+    outputs = {
+        "data_md5": version.md5 if version else "",
+        "data_state": state,
+        "model_state": model_state,
+        "remote": remote,
+        **files,
+    }
+    metrics["data_files"] = version.nfiles if version else 0
+    metrics["wall_time_s"] = round(time.time() - started, 3)
+    return outputs, metrics
+
+
+def restore_version(repo: Path, md5: str, missing: Sequence[str]) -> str:
+    """Check out the data version that holds ``missing`` (the previous iteration's grown set).
+
+    Happens when data/ was rolled back or replaced (e.g. an older data.dvc). Unversioned changes
+    in data/ are first added and pushed as a version of their own, so nothing is lost.
+    """
+    from . import dvc
+
+    current = dvc.read_version(repo)
+    print(
+        f"{', '.join(missing)} not in data/: restoring data version {md5} (recorded on the "
+        "previous iteration's MLflow run)",
+        flush=True,
+    )
+    data_dir = repo / dvc.TRACKED
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not dvc.workspace_matches(repo):
+        kept = dvc.version_and_push(repo)
+        print(f"current data/ kept as version {kept.md5} before the checkout", flush=True)
+    elif current is not None and current.md5 == md5:
+        raise DataStepError(f"{', '.join(missing)} missing although data/ is version {md5}")
+    (repo / f"{dvc.TRACKED}.dvc").write_text(
+        f"outs:\n- md5: {md5}\n  hash: md5\n  path: {dvc.TRACKED}\n", encoding="utf-8"
+    )
+    try:
+        dvc.dvc(repo, "pull", "-q", "--force", f"{dvc.TRACKED}.dvc")
+    except dvc.DvcError as exc:
+        raise DataStepError(
+            f"{', '.join(missing)} is not in data/ and data version {md5} could not be pulled "
+            f"from the DVC remote ({str(exc).splitlines()[0]}); restore the remote or start "
+            "again from iteration 1 with a new profile/overrides"
+        ) from None
+    dvc.add(repo)  # rewrite data.dvc with size/nfiles
+    return "restored"
+
+
+def version(repo: Path) -> tuple[dict, dict]:
+    from . import dvc
+
+    started = time.time()
+    remote = dvc.ensure_repo(repo)
+    v = dvc.version_and_push(repo)
+    print(f"data version {v.md5}: {v.nfiles} files, {v.size} bytes, pushed to {remote}", flush=True)
+    return (
+        {"data_md5": v.md5, "dvc_file": "data.dvc", "remote": remote},
+        {
+            "data_files": v.nfiles,
+            "data_bytes": v.size,
+            "wall_time_s": round(time.time() - started, 3),
+        },
+    )
+
+
+def add_parsers(verbs) -> None:
+    prep = verbs.add_parser(
+        "prepare-data",
+        help="dvc pull (or build + push the demo data), validate the inputs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prep.add_argument(
+        "--check",
+        action="append",
+        default=[],
+        metavar="JSONL",
+        help="also validate this file (repeatable)",
+    )
+    prep.add_argument(
+        "--restore-md5",
+        default="",
+        metavar="MD5",
+        help="data version to check out when a --check file is missing (previous iteration)",
+    )
+    prep.add_argument(
+        "--bootstrap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build the demo dataset/model when missing",
+    )
+    _common(prep)
+    prep.set_defaults(func=_run_prepare)
+    ver = verbs.add_parser(
+        "version-data",
+        help="dvc add data/ and dvc push; print the md5",
+        description="Record data/ as a new DVC version (data.dvc) and push it to the default "
+        "remote. Unchanged data gives the same md5 and pushes nothing.",
+    )
+    _common(ver)
+    ver.set_defaults(func=_run_version)
+
+
+def _common(parser) -> None:
+    parser.add_argument("--config", default=None, metavar="PROFILE.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    parser.add_argument("--result", default=None, metavar="PATH")
+    parser.add_argument("--parent-run-id", default=None, help="accepted for the stage contract")
+    parser.add_argument("--run-name", default=None, help="accepted for the stage contract")
+
+
+def _finish(stage: str, args, outputs: dict, metrics: dict, started: float) -> int:
+    from facial_r1_core.config import config_hash
+    from facial_r1_core.schema import atomic_write
+
+    result = {
+        "stage": stage,
+        "status": "ok",
+        "outputs": outputs,
+        "metrics": metrics,
+        "mlflow_run_id": None,
+        "wall_time_s": round(time.time() - started, 3),
+        "config_hash": config_hash({"overrides": list(args.overrides)}),
+    }
+    if args.result:
+        with atomic_write(args.result) as handle:
+            json.dump(result, handle, indent=2, sort_keys=True)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _context(args):
+    from facial_r1_core.config import load_profile
+    from facial_r1_core.tracking import project_home
+
+    repo = project_home()
+    config = args.config or os.environ.get("FACIAL_R1_CONFIG") or "configs/tiny-cpu.yaml"
+    profile = load_profile(
+        repo / config if not Path(config).is_absolute() else config, args.overrides
+    )
+    return repo, config, profile
+
+
+def _run_prepare(args) -> int:
+    started = time.time()
+    try:
+        repo, config, profile = _context(args)
+        work = Path(args.result).parent if args.result else repo / "runs" / "bootstrap"
+        work.mkdir(parents=True, exist_ok=True)
+        outputs, metrics = prepare(
+            repo,
+            profile,
+            config,
+            args.overrides,
+            args.check,
+            args.bootstrap,
+            work,
+            restore_md5=args.restore_md5,
+        )
+    except Exception as exc:
+        print(f"facial-r1 pipeline prepare-data: failed: {exc}", file=sys.stderr)
+        return 1
+    return _finish("prepare_data", args, outputs, metrics, started)
+
+
+def _run_version(args) -> int:
+    started = time.time()
+    try:
+        repo, _, _ = _context(args)
+        outputs, metrics = version(repo)
+    except Exception as exc:
+        print(f"facial-r1 pipeline version-data: failed: {exc}", file=sys.stderr)
+        return 1
+    return _finish("version_data", args, outputs, metrics, started)

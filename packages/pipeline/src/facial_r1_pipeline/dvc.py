@@ -1,0 +1,213 @@
+"""Dataset versioning with DVC: ``data.dvc`` at the repository root tracks ``data/``.
+
+Each dataset version the DAG produces is added (``dvc add data``) and pushed (``dvc push``) to
+the default remote; its md5 (the ``.dir`` hash in ``data.dvc``) is what MLflow runs and model
+versions record. The embedded default remote is a local folder (``.dvc-remote/``, git-ignored);
+production points the same remote name at object storage (docs/operations.md).
+
+Changes go through DVC's own command line (``dvc init/config/remote/add/push/pull``, the
+commands a person types, run in-process); read-only questions (status, config) use its ``Repo``.
+
+>>> parse_md5("outs:\\n- md5: 0123abcd.dir\\n  size: 10\\n  nfiles: 2\\n  path: data\\n")
+'0123abcd.dir'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("facial_r1.pipeline.dvc")
+
+DEFAULT_REMOTE_NAME = "local"
+DEFAULT_REMOTE_DIR = ".dvc-remote"
+TRACKED = "data"
+
+
+class DvcError(RuntimeError):
+    """A dvc command that failed; the message holds the command and its output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataVersion:
+    md5: str  # e.g. "3f2a...c1.dir"
+    size: int
+    nfiles: int
+    dvc_file: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class DvcResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def dvc(repo: str | os.PathLike, *args: str, check: bool = True) -> DvcResult:
+    """Run ``dvc ARGS`` in ``repo``; DvcError (with the output) on failure.
+
+    The command line is DVC's own (``dvc.cli.main``), run in this process: starting a new
+    interpreter per command costs 2-3 s on a busy 2-core machine, the in-process call tens of ms.
+    """
+    import contextlib
+    import io
+
+    from dvc.cli import main
+
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--cd", str(repo), *args])
+    result = DvcResult(int(code or 0), out.getvalue(), err.getvalue())
+    if check and result.returncode != 0:
+        raise DvcError(
+            f"`dvc {' '.join(args)}` failed in {repo} (exit {result.returncode}):\n"
+            f"{result.stdout[-2000:]}{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def _repo(repo: str | os.PathLike):
+    from dvc.repo import Repo
+
+    return Repo(str(repo))
+
+
+def is_initialised(repo: str | os.PathLike) -> bool:
+    return (Path(repo) / ".dvc" / "config").is_file()
+
+
+def ensure_repo(
+    repo: str | os.PathLike, remote_url: str | None = None, remote_name: str = DEFAULT_REMOTE_NAME
+) -> str:
+    """Initialise DVC if needed (analytics off) and make sure a default remote exists.
+
+    Returns the default remote's name. An existing default remote (e.g. an S3 bucket configured
+    by an operator) is left alone; only when none is set is the local folder remote added.
+    """
+    repo = Path(repo)
+    if not is_initialised(repo):
+        scm = (repo / ".git").exists()
+        dvc(repo, "init", *([] if scm else ["--no-scm"]), "-q")
+    dvc(repo, "config", "core.analytics", "false")
+    dvc(repo, "config", "core.autostage", "false")
+    current = default_remote(repo)
+    if current:
+        return current
+    # A relative local path is given as seen from the repository root (dvc runs there); DVC
+    # itself rewrites it relative to .dvc/config.
+    url = remote_url or DEFAULT_REMOTE_DIR
+    dvc(repo, "remote", "add", "-d", "-f", remote_name, url)
+    return remote_name
+
+
+def default_remote(repo: str | os.PathLike) -> str:
+    """The default remote's name ('' when none is set)."""
+    with _repo(repo) as r:
+        return str(r.config.get("core", {}).get("remote") or "")
+
+
+def remote_path(repo: str | os.PathLike) -> Path | None:
+    """The local folder of the default remote, or None when it is not a local folder."""
+    repo = Path(repo)
+    with _repo(repo) as r:
+        name = r.config.get("core", {}).get("remote")
+        url = str(r.config.get("remote", {}).get(name, {}).get("url") or "") if name else ""
+    if not url or "://" in url:
+        return None
+    # DVC's config loader already resolved a relative url against .dvc/
+    return Path(url).resolve()
+
+
+def parse_md5(text: str) -> str:
+    import yaml
+
+    data = yaml.safe_load(text) or {}
+    outs = data.get("outs") or []
+    if not outs or not outs[0].get("md5"):
+        raise DvcError("the .dvc file has no outs[0].md5")
+    return str(outs[0]["md5"])
+
+
+def read_version(repo: str | os.PathLike, target: str = TRACKED) -> DataVersion | None:
+    """The version recorded in ``<target>.dvc``, or None when it does not exist yet."""
+    import yaml
+
+    dvc_file = Path(repo) / f"{target}.dvc"
+    if not dvc_file.is_file():
+        return None
+    text = dvc_file.read_text(encoding="utf-8")
+    out = (yaml.safe_load(text) or {}).get("outs", [{}])[0]
+    return DataVersion(
+        md5=parse_md5(text),
+        size=int(out.get("size") or 0),
+        nfiles=int(out.get("nfiles") or 0),
+        dvc_file=str(dvc_file),
+    )
+
+
+def add(repo: str | os.PathLike, target: str = TRACKED) -> DataVersion:
+    """``dvc add data``: hash the folder into the cache, (re)write ``data.dvc``."""
+    dvc(repo, "add", "-q", target)
+    version = read_version(repo, target)
+    assert version is not None
+    return version
+
+
+def push(repo: str | os.PathLike, target: str = TRACKED, jobs: int = 4) -> None:
+    dvc(repo, "push", "-q", "-j", str(jobs), f"{target}.dvc")
+
+
+def pull(repo: str | os.PathLike, target: str = TRACKED, jobs: int = 4) -> None:
+    """``dvc pull``: fetch the recorded version from the remote and check it out into data/."""
+    dvc(repo, "pull", "-q", "-j", str(jobs), f"{target}.dvc")
+
+
+def in_remote(repo: str | os.PathLike, target: str = TRACKED) -> bool:
+    """Whether every file of the recorded version is in the default remote (``status -c``).
+
+    ``dvc status --cloud`` cannot list the files of a directory whose ``.dir`` manifest is in
+    neither the cache nor the remote (it warns and reports nothing), so a local-folder remote is
+    first checked for the manifest itself.
+    """
+    version = read_version(repo, target)
+    if version is None:
+        return False
+    folder = remote_path(repo)
+    if folder is not None:
+        digest = version.md5
+        if not (folder / "files" / "md5" / digest[:2] / digest[2:]).is_file():
+            return False
+    try:
+        with _repo(repo) as r:
+            status = r.status(targets=[str(Path(repo) / f"{target}.dvc")], cloud=True)
+    except Exception as exc:
+        log.info("dvc status --cloud: %s", exc)
+        return False
+    return not status  # {} = everything in sync
+
+
+def workspace_matches(repo: str | os.PathLike, target: str = TRACKED) -> bool:
+    """Whether ``data/`` equals the version in ``data.dvc`` (nothing added, changed or missing)."""
+    try:
+        with _repo(repo) as r:
+            return not r.status(targets=[str(Path(repo) / f"{target}.dvc")])
+    except Exception as exc:
+        log.info("dvc status: %s", exc)
+        return False
+
+
+def version_and_push(repo: str | os.PathLike, target: str = TRACKED) -> DataVersion:
+    """Add the current ``data/`` as a version and push it; idempotent for unchanged data."""
+    version = add(repo, target)
+    push(repo, target)
+    log.info(
+        "data version %s (%d files, %d bytes) pushed", version.md5, version.nfiles, version.size
+    )
+    return version

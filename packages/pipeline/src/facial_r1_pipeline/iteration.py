@@ -1,0 +1,683 @@
+"""The logic behind each task of the ``facial_r1_iteration`` DAG (the DAG file stays thin).
+
+One DAG run = one iteration ``i``::
+
+    prepare_data -> sft -> grpo -> synthesize -> filter -> version_data -> evaluate -> promote
+
+- ``prepare_data`` resolves the iteration (``iteration=0`` means: resume the newest unfinished
+  iteration with the same settings, else the one after the newest finished), opens (or reopens)
+  its MLflow parent run, makes ``data/`` match ``data.dvc`` (``dvc pull``; on a fresh clone with
+  an empty remote it builds the demo dataset and pushes it first), builds the tiny base model when
+  the profile's model folder is missing, and validates the input files.
+- the training stages run through a runner (local process or Kubernetes pod/job) with their
+  inputs/outputs wired by ``--set``: SFT trains on the previous iteration's grown set (the seed
+  set for iteration 1), GRPO starts from the SFT model, synthesis uses the GRPO model on the
+  labelled pool, the filter writes the grown set = previous set + newly accepted samples;
+- ``version_data`` adds and pushes ``data/`` with DVC and records its md5;
+- ``evaluate`` scores the GRPO model (the candidate) on the held-out test split;
+- ``promote`` registers the candidate and moves ``champion`` only if it is better.
+
+Every path of iteration ``i`` is keyed by ``i`` and a short hash of the settings (``run_key``), so
+re-running an iteration reuses finished stages, resumes interrupted ones (stages checkpoint), and
+never overwrites another iteration's data. The grown set of iteration ``i`` feeds iteration
+``i + 1``: it is looked up from the finished parent run of ``i`` (tag ``grown_file``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .specs import (
+    STAGE_SECTION,
+    StageSpec,
+    launcher_for,
+    overrides_from,
+    stage_resources,
+    validate_overrides,
+)
+
+log = logging.getLogger("facial_r1.pipeline.iteration")
+
+DEFAULT_PROFILE = "configs/tiny-cpu.yaml"
+RUNNERS = ("local", "kubernetes")
+INIT_FROM = ("base", "champion")
+
+#: Defaults of the DAG's Params (the embedded run); the DAG validates them with JSON schema too.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "profile": DEFAULT_PROFILE,
+    "overrides": [],
+    "iteration": 0,
+    "iterations": 1,
+    "datasets": [],
+    "init_from": "base",
+    "base_model": "",
+    "runner": os.environ.get("FACIAL_R1_DEFAULT_RUNNER", "local"),
+    "gpus": {},
+    "min_delta": 0.0,
+    "bootstrap": True,
+}
+
+
+class IterationError(RuntimeError):
+    """Bad parameters or inputs of an iteration (the message names the parameter or file)."""
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill defaults and validate the run's params; IterationError names the bad one."""
+    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise IterationError(
+            f"unknown param(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_PARAMS)}"
+        )
+    p = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+    if p["runner"] not in RUNNERS:
+        raise IterationError(f"runner must be one of {', '.join(RUNNERS)}, got {p['runner']!r}")
+    if p["init_from"] not in INIT_FROM:
+        raise IterationError(
+            f"init_from must be one of {', '.join(INIT_FROM)}, got {p['init_from']!r}"
+        )
+    for key in ("iteration", "iterations"):
+        if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 0:
+            raise IterationError(f"{key} must be a non-negative integer, got {p[key]!r}")
+    if p["iterations"] < 1:
+        raise IterationError("iterations must be >= 1")
+    try:
+        p["overrides"] = validate_overrides(list(p["overrides"] or []))
+    except ValueError as exc:
+        raise IterationError(f"overrides: {exc}") from None
+    if not isinstance(p["datasets"], list) or not all(isinstance(d, str) for d in p["datasets"]):
+        raise IterationError("datasets must be a list of unified JSONL paths")
+    if not isinstance(p["gpus"], Mapping):
+        raise IterationError("gpus must map stage names to GPU counts")
+    for stage, n in p["gpus"].items():
+        if stage not in STAGE_SECTION:
+            raise IterationError(
+                f"gpus: unknown stage {stage!r}; known: {', '.join(STAGE_SECTION)}"
+            )
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise IterationError(f"gpus.{stage} must be a non-negative integer, got {n!r}")
+    return p
+
+
+def run_key(params: Mapping[str, Any], profile_text: str) -> str:
+    """Short hash of everything that changes what an iteration computes."""
+    blob = json.dumps(
+        {
+            "profile": hashlib.sha256(profile_text.encode()).hexdigest(),
+            "overrides": list(params["overrides"]),
+            "datasets": list(params["datasets"]),
+            "init_from": params["init_from"],
+            "base_model": params["base_model"],
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def repo_root(default: str | os.PathLike | None = None) -> Path:
+    """``FACIAL_R1_HOME``, else the given default (the DAG passes its repository)."""
+    env = os.environ.get("FACIAL_R1_HOME")
+    return Path(env or default or os.getcwd()).resolve()
+
+
+def load(ctx: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved profile of an iteration context (profile file + user overrides)."""
+    from facial_r1_core.config import load_profile
+
+    return load_profile(Path(ctx["repo"]) / ctx["profile"], ctx["overrides"])
+
+
+def _section(profile: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return dict(profile.get(name) or {})
+
+
+def _first(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return str(value[0]) if value else ""
+    return str(value or "")
+
+
+def input_files(profile: Mapping[str, Any]) -> dict[str, str]:
+    """The dataset files an iteration reads, from the profile's stage sections."""
+    files = {
+        "seed_file": str(_section(profile, "filter").get("seed_file") or "")
+        or _first(_section(profile, "sft").get("train_file")),
+        "grpo_file": _first(_section(profile, "grpo").get("train_file")),
+        "pool_file": str(_section(profile, "synthesis").get("input_file") or ""),
+        "test_file": str(_section(profile, "evaluate").get("test_file") or ""),
+    }
+    missing = [k for k, v in files.items() if not v]
+    if missing:
+        keys = {
+            "seed_file": "sft.train_file",
+            "grpo_file": "grpo.train_file",
+            "pool_file": "synthesis.input_file",
+            "test_file": "evaluate.test_file",
+        }
+        raise IterationError("the profile does not name " + ", ".join(keys[k] for k in missing))
+    return files
+
+
+def iteration_paths(ctx: Mapping[str, Any]) -> dict[str, str]:
+    """Where iteration ``i`` writes: run products under runs/, datasets beside the pool file."""
+    i, key = int(ctx["iteration"]), ctx["run_key"]
+    work = f"runs/iterations/iter-{i:03d}-{key}"
+    pool = Path(ctx["inputs"]["pool_file"])
+    stem = f"{pool.stem}_i{i:03d}_{key}"
+    data_dir = pool.parent.as_posix()
+    return {
+        "work_dir": work,
+        "results": f"{work}/results",
+        "synth_file": f"{data_dir}/{stem}_synth.jsonl",
+        "synth_rejected": f"{data_dir}/{stem}_synth_rejected.jsonl",
+        "grown_file": f"{data_dir}/{stem}_grown.jsonl",
+        "synth_test_file": f"{data_dir}/{stem}_synth_test.jsonl",
+    }
+
+
+def spec_for(
+    ctx: Mapping[str, Any], stage: str, upstream: Mapping[str, Mapping[str, Any]]
+) -> StageSpec:
+    """The stage spec of ``stage`` in iteration ``ctx``; ``upstream`` = earlier stage results."""
+    paths = ctx["paths"]
+    work = paths["work_dir"]
+    profile = load(ctx)
+    if stage == "sft":
+        train = [ctx["train_file"], *ctx["datasets"]]
+        wiring: dict[str, Any] = {"sft.train_file": train, "sft.output_dir": f"{work}/sft"}
+        if ctx.get("init_model"):
+            wiring["sft.base_model"] = ctx["init_model"]
+    elif stage == "grpo":
+        wiring = {
+            "grpo.base_model": _model_of(upstream, "sft"),
+            "grpo.train_file": [ctx["inputs"]["grpo_file"]],
+            "grpo.output_dir": f"{work}/grpo",
+        }
+    elif stage == "synthesize":
+        wiring = {
+            "synthesis.model_path": _model_of(upstream, "grpo"),
+            "synthesis.input_file": ctx["inputs"]["pool_file"],
+            "synthesis.output_file": paths["synth_file"],
+            "synthesis.rejected_file": paths["synth_rejected"],
+            "synthesis.work_dir": f"{work}/synthesis",
+        }
+    elif stage == "filter":
+        outs = (upstream.get("synthesize") or {}).get("outputs") or {}
+        wiring = {
+            "filter.synthesized_file": outs.get("accepted") or paths["synth_file"],
+            "filter.rejected_file": outs.get("rejected") or paths["synth_rejected"],
+            "filter.seed_file": ctx["train_file"],
+            "filter.output_file": paths["grown_file"],
+            "filter.test_file": paths["synth_test_file"],
+            "filter.review_dir": f"{work}/review",
+            "filter.work_dir": f"{work}/filter",
+        }
+    elif stage == "evaluate":
+        wiring = {
+            "evaluate.model_path": _model_of(upstream, "grpo"),
+            "evaluate.test_file": ctx["inputs"]["test_file"],
+            "evaluate.output_dir": f"{work}/evaluate",
+        }
+    else:
+        raise IterationError(f"unknown stage {stage!r}")
+    resources = stage_resources(profile, stage, (ctx.get("gpus") or {}).get(stage))
+    config_dir = str((profile.get("resources") or {}).get("config_dir") or "/opt/facial-r1/configs")
+    return StageSpec(
+        stage=stage,
+        command=(stage,),
+        config=ctx["profile"],
+        overrides=(*ctx["overrides"], *overrides_from(wiring)),
+        result_path=f"{paths['results']}/{stage}.json",
+        parent_run_id=ctx.get("parent_run_id"),
+        run_name=f"{stage} (iteration {int(ctx['iteration'])})",
+        resources=resources,
+        launcher=launcher_for(profile, stage, resources.gpus, config_dir)
+        if ctx["runner"] == "kubernetes"
+        else (),
+        inputs={
+            k.split(".", 1)[1]: str(v)
+            for k, v in wiring.items()
+            if not k.endswith(
+                (
+                    "output_dir",
+                    "work_dir",
+                    "output_file",
+                    "rejected_file",
+                    "review_dir",
+                    "test_file",
+                )
+            )
+        },
+        outputs={
+            k.split(".", 1)[1]: str(v)
+            for k, v in wiring.items()
+            if k.endswith(("output_dir", "output_file", "rejected_file"))
+        },
+    )
+
+
+def _model_of(upstream: Mapping[str, Mapping[str, Any]], stage: str) -> str:
+    outs = (upstream.get(stage) or {}).get("outputs") or {}
+    model = outs.get("model") or outs.get("model_dir")
+    if not model:
+        raise IterationError(
+            f"the {stage} result names no model output (outputs: {', '.join(outs) or 'none'})"
+        )
+    return str(model)
+
+
+def make_runner(ctx: Mapping[str, Any]):
+    from .runners import get_runner
+
+    if ctx["runner"] == "kubernetes":
+        return get_runner("kubernetes", profile=load(ctx), profile_file=ctx["profile"])
+    return get_runner("local", repo=ctx["repo"])
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def prepare_data(
+    params: Mapping[str, Any], *, repo: str | os.PathLike, dag_run_id: str = "", context: Any = None
+) -> dict[str, Any]:
+    """Task ``prepare_data``: iteration, parent run, data in place and valid. Returns the ctx."""
+    from facial_r1_core.config import config_hash, load_profile
+
+    from . import lineage
+
+    started = time.time()
+    p = check_params(params)
+    repo = Path(repo).resolve()
+    os.environ["FACIAL_R1_HOME"] = str(repo)
+    profile_path = repo / p["profile"]
+    if not profile_path.is_file():
+        raise IterationError(f"profile not found: {profile_path} (param 'profile')")
+    profile = load_profile(profile_path, p["overrides"])
+    key = run_key(p, profile_path.read_text(encoding="utf-8"))
+    client = lineage.client_for(profile)
+    exp = lineage.experiment_id(client, profile)
+    iteration = p["iteration"] or _auto_iteration(client, exp, key)
+    inputs = input_files(profile)
+    ctx: dict[str, Any] = {
+        "repo": str(repo),
+        "profile": p["profile"],
+        "overrides": p["overrides"],
+        "iteration": iteration,
+        "iterations": p["iterations"],
+        "run_key": key,
+        "runner": p["runner"],
+        "gpus": dict(p["gpus"]),
+        "datasets": list(p["datasets"]),
+        "init_from": p["init_from"],
+        "min_delta": float(p["min_delta"]),
+        "config_hash": config_hash(profile),
+        "inputs": inputs,
+        "started": started,
+    }
+    ctx["paths"] = iteration_paths(ctx)
+    previous = _previous_grown(client, exp, iteration)
+    ctx["train_file"] = previous[0] if previous else inputs["seed_file"]
+    ctx["init_model"] = _init_model(client, profile, p)
+    parent, reused = lineage.open_iteration_run(
+        client,
+        exp,
+        iteration,
+        key,
+        tags={
+            "git_commit": lineage.git_commit(repo),
+            "profile": p["profile"],
+            "config_hash": ctx["config_hash"],
+            "airflow_dag_run_id": dag_run_id,
+            "runner": p["runner"],
+            "train_file": ctx["train_file"],
+        },
+        params={
+            "profile": p["profile"],
+            "overrides": json.dumps(p["overrides"]),
+            "init_from": p["init_from"],
+            "base_model": p["base_model"] or "profile",
+            "datasets": json.dumps(p["datasets"]),
+            "runner": p["runner"],
+            "iteration": iteration,
+        },
+    )
+    ctx["parent_run_id"] = parent
+    log.info(
+        "iteration %d (key %s): %s parent run %s",
+        iteration,
+        key,
+        "reusing" if reused else "created",
+        parent,
+    )
+    checks = [f"--check={f}" for f in (ctx["train_file"], *ctx["datasets"])]
+    if previous and previous[1]:
+        checks.append(f"--restore-md5={previous[1]}")
+    data = run_data_step(
+        ctx,
+        "prepare-data",
+        [*checks, "--bootstrap" if p["bootstrap"] else "--no-bootstrap"],
+        context,
+    )
+    ctx["data_md5_in"] = data["outputs"].get("data_md5", "")
+    client.set_tag(parent, "data_md5_in", ctx["data_md5_in"])
+    lineage.log_stage(client, parent, "prepare_data", data)
+    ctx["prepare"] = {
+        k: data[k] for k in ("metrics", "wall_time_s", "runner_wall_time_s") if k in data
+    }
+    return ctx
+
+
+def _auto_iteration(client, exp: str, key: str) -> int:
+    from . import lineage
+
+    unfinished = [
+        r
+        for r in lineage.find_iteration_runs(client, exp, run_key=key)
+        if r.info.status != "FINISHED"
+    ]
+    if unfinished:
+        return int(unfinished[0].data.tags[lineage.ITERATION_TAG])
+    return lineage.next_iteration(client, exp)
+
+
+def _previous_grown(client, exp: str, iteration: int) -> tuple[str, str] | None:
+    """(grown set, data md5) of the newest finished run of iteration ``i - 1`` (None for i = 1)."""
+    from . import lineage
+
+    if iteration <= 1:
+        return None
+    for run in lineage.find_iteration_runs(client, exp, iteration - 1, status="FINISHED"):
+        grown = run.data.tags.get("grown_file")
+        if grown:
+            return grown, run.data.tags.get(lineage.DATA_MD5_TAG, "")
+    log.warning(
+        "no finished iteration %d with a grown set: training on the seed set", iteration - 1
+    )
+    return None
+
+
+def _init_model(client, profile: Mapping[str, Any], p: Mapping[str, Any]) -> str:
+    """The model SFT starts from: an explicit base, the current champion, or the profile's."""
+    if p["init_from"] == "champion":
+        from facial_r1_core.tracking import registered_model_name
+
+        from . import promotion
+
+        champ, _ = promotion.champion_score(client, registered_model_name(profile))
+        if champ is not None:
+            return str(champ.source)
+        log.info("init_from=champion but there is no champion yet: starting from the base model")
+    return str(p["base_model"] or "")
+
+
+def run_data_step(
+    ctx: Mapping[str, Any], verb: str, flags: Sequence[str], context: Any = None
+) -> dict[str, Any]:
+    """``facial-r1 pipeline <verb>`` through the iteration's runner (a CPU stage)."""
+    profile = load(ctx)
+    spec = StageSpec(
+        stage=verb.replace("-", "_"),
+        command=("pipeline", verb, *flags),
+        config=ctx["profile"],
+        overrides=tuple(ctx["overrides"]),
+        result_path=f"{ctx['paths']['results']}/{verb.replace('-', '_')}.json",
+        parent_run_id=None,
+        resources=stage_resources(profile, verb.replace("-", "_"), 0),
+    )
+    runner = make_runner(ctx)
+    if hasattr(runner, "cached"):
+        # data/ can change between attempts: always look again, never reuse an old answer.
+        _forget(Path(ctx["repo"]) / spec.result_path)
+    return runner.run(spec, context)
+
+
+def _forget(result_file: Path) -> None:
+    marker = result_file.with_name(result_file.name + ".spec.json")
+    if marker.exists():
+        marker.unlink()
+
+
+def run_stage(
+    ctx: Mapping[str, Any],
+    stage: str,
+    upstream: Mapping[str, Mapping[str, Any]],
+    context: Any = None,
+) -> dict[str, Any]:
+    """Task of one training stage: run it, summarise it on the parent run, return its result."""
+    from . import lineage
+
+    spec = spec_for(ctx, stage, upstream)
+    result = make_runner(ctx).run(spec, context)
+    client = lineage.client_for(load(ctx))
+    lineage.log_stage(client, ctx["parent_run_id"], stage, result)
+    return _slim(result)
+
+
+def _slim(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What goes into XCom: the contract keys (metrics trimmed to scalars)."""
+    keep = (
+        "stage",
+        "status",
+        "outputs",
+        "metrics",
+        "mlflow_run_id",
+        "wall_time_s",
+        "config_hash",
+        "runner_wall_time_s",
+        "cached",
+    )
+    return {k: result[k] for k in keep if k in result}
+
+
+def version_data(
+    ctx: Mapping[str, Any], filter_result: Mapping[str, Any], context: Any = None
+) -> dict[str, Any]:
+    """Task ``version_data``: dvc add + push of data/ (with the grown set); record the md5."""
+    from . import lineage
+
+    grown = (filter_result.get("outputs") or {}).get("train") or ctx["paths"]["grown_file"]
+    result = run_data_step(ctx, "version-data", [], context)
+    md5 = result["outputs"]["data_md5"]
+    client = lineage.client_for(load(ctx))
+    parent = ctx["parent_run_id"]
+    client.set_tag(parent, lineage.DATA_MD5_TAG, md5)
+    client.set_tag(parent, "grown_file", _relative(ctx, grown))
+    lineage.log_stage(client, parent, "version_data", result)
+    dvc_file = Path(ctx["repo"]) / "data.dvc"
+    if dvc_file.is_file():
+        client.log_text(parent, dvc_file.read_text(encoding="utf-8"), "data/data.dvc")
+    return {**_slim(result), "data_md5": md5, "grown_file": _relative(ctx, grown)}
+
+
+def _relative(ctx: Mapping[str, Any], path: str) -> str:
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(ctx["repo"])).as_posix() if p.is_absolute() else path
+    except ValueError:
+        return path
+
+
+def promote(
+    ctx: Mapping[str, Any],
+    grpo: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    data: Mapping[str, Any],
+    upstream: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Task ``promote``: register the candidate, move ``champion`` if better, close the run."""
+    from facial_r1_core.tracking import registered_model_name
+
+    from . import lineage, promotion
+
+    profile = load(ctx)
+    client = lineage.client_for(profile)
+    name = registered_model_name(profile)
+    model = _model_of({"grpo": grpo}, "grpo")
+    source = model if "://" in model else str((Path(ctx["repo"]) / model).resolve())
+    metrics = evaluation.get("metrics") or {}
+    promotion.score(metrics)  # fail before registering anything when the evaluation is unusable
+    parent = ctx["parent_run_id"]
+    tags = {
+        "git_commit": lineage.git_commit(ctx["repo"]),
+        "data_md5": data.get("data_md5", ""),
+        "config_hash": ctx["config_hash"],
+        "run_key": ctx["run_key"],
+        "parent_run_id": parent,
+        "iteration": str(ctx["iteration"]),
+        "grpo_run_id": grpo.get("mlflow_run_id") or "",
+        "evaluate_run_id": evaluation.get("mlflow_run_id") or "",
+        **{
+            f"eval.{k}": v
+            for k, v in metrics.items()
+            if k in ("emotion_accuracy", "au_f1_micro", "au_f1_macro", "format_rate")
+        },
+    }
+    version = promotion.register_candidate(
+        client,
+        name,
+        source=source,
+        run_id=grpo.get("mlflow_run_id"),
+        key=f"{parent}:{data.get('data_md5', '')}",
+        tags=tags,
+    )
+    decision = promotion.promote(
+        client,
+        name,
+        version,
+        metrics,
+        parent_run_id=parent,
+        min_delta=float(ctx.get("min_delta", 0.0)),
+    )
+    summary = build_summary(
+        ctx, {**(upstream or {}), "grpo": grpo, "evaluate": evaluation}, data, decision
+    )
+    client.log_text(parent, json.dumps(summary, indent=2), "summary.json")
+    out = Path(ctx["repo"]) / ctx["paths"]["work_dir"] / "summary.json"
+    from facial_r1_core.schema import atomic_write
+
+    with atomic_write(out) as handle:
+        json.dump(summary, handle, indent=2)
+    latest = Path(ctx["repo"]) / "runs" / "iterations" / "latest-summary.json"
+    with atomic_write(latest) as handle:
+        json.dump(summary, handle, indent=2)
+    lineage.finish_iteration(client, parent)
+    return summary
+
+
+def build_summary(
+    ctx: Mapping[str, Any],
+    results: Mapping[str, Mapping[str, Any]],
+    data: Mapping[str, Any],
+    decision: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Everything the demo's table shows, as JSON."""
+    stages = {}
+    for stage in (
+        "prepare_data",
+        "sft",
+        "grpo",
+        "synthesize",
+        "filter",
+        "version_data",
+        "evaluate",
+    ):
+        if stage == "prepare_data":
+            res = ctx.get("prepare") or {}
+        elif stage == "version_data":
+            res = data
+        else:
+            res = results.get(stage) or {}
+        stages[stage] = {
+            "wall_time_s": res.get("wall_time_s"),
+            "runner_wall_time_s": res.get("runner_wall_time_s"),
+            "cached": bool(res.get("cached")),
+            "metrics": res.get("metrics") or {},
+            "mlflow_run_id": res.get("mlflow_run_id"),
+        }
+    return {
+        "iteration": ctx["iteration"],
+        "run_key": ctx["run_key"],
+        "parent_run_id": ctx["parent_run_id"],
+        "profile": ctx["profile"],
+        "train_file": ctx["train_file"],
+        "grown_file": data.get("grown_file"),
+        "data_md5": data.get("data_md5"),
+        "stages": stages,
+        "promotion": dict(decision),
+        "started": ctx.get("started"),
+        "finished": time.time(),
+    }
+
+
+def next_iteration_conf(ctx: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Conf for the next DAG run when more iterations were asked for ({} = stop)."""
+    remaining = int(ctx.get("iterations", 1)) - 1
+    if remaining < 1:
+        return {}
+    conf = {k: v for k, v in dict(params).items() if k in DEFAULT_PARAMS}
+    conf.update({"iteration": int(ctx["iteration"]) + 1, "iterations": remaining})
+    return conf
+
+
+def trigger_next(ctx: Mapping[str, Any], params: Mapping[str, Any], context: Any) -> None:
+    """Trigger the next iteration's DAG run, or skip when this was the last one.
+
+    The operator is built here, at run time, so parsing the DAG file never imports it.
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    conf = next_iteration_conf(ctx, params)
+    if not conf:
+        raise AirflowSkipException("no more iterations requested")
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    dag_id = context["dag"].dag_id if context and "dag" in context else "facial_r1_iteration"
+    TriggerDagRunOperator(
+        task_id="trigger_next_iteration_op",
+        trigger_dag_id=dag_id,
+        conf=conf,
+        trigger_run_id=f"iteration-{conf['iteration']:03d}-{ctx['run_key']}-{int(time.time())}",
+    ).execute(context)
+
+
+def mark_failed(context: Mapping[str, Any]) -> None:
+    """Task failure callback (after the last retry): mark the iteration's parent run FAILED.
+
+    A later run of the same iteration reopens it (``open_iteration_run``); the registry and the
+    champion are untouched, since promotion never ran.
+    """
+    from . import lineage
+
+    try:
+        ctx = context["ti"].xcom_pull(task_ids="prepare_data")
+        if not ctx or not ctx.get("parent_run_id"):
+            return
+        client = lineage.client_for(load(ctx))
+        task_id = getattr(context["ti"], "task_id", "?")
+        client.set_tag(ctx["parent_run_id"], "failed_task", task_id)
+        lineage.finish_iteration(client, ctx["parent_run_id"], status="FAILED")
+        log.error(
+            "iteration %s: task %s failed; parent run %s marked FAILED",
+            ctx.get("iteration"),
+            task_id,
+            ctx["parent_run_id"],
+        )
+    except Exception:
+        log.exception("could not mark the iteration's MLflow run as failed")
+
+
+def stage_names() -> Sequence[str]:
+    return tuple(STAGE_SECTION)

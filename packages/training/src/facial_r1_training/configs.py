@@ -1,0 +1,197 @@
+"""Typed stage configs for the ``model``, ``sft`` and ``grpo`` profile sections.
+
+Built with :func:`facial_r1_core.config.from_section`, which rejects unknown keys. Every key is
+documented in ``configs/README.md``; defaults here are the tiny-cpu values.
+
+>>> from facial_r1_core.config import from_section
+>>> from_section(SFTStageConfig, {"max_steps": 5}, name="sft").max_steps
+5
+>>> from_section(GRPOStageConfig, {"reward_weights": {"au": 2}}, name="grpo").weights()
+[2.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from facial_r1_core.config import ConfigError
+
+REWARD_NAMES: tuple[str, ...] = ("au", "accuracy", "format")
+
+
+@dataclass
+class ModelStageConfig:
+    """``model``: which model every stage starts from and how it is loaded."""
+
+    path: str = "runs/model/tiny"  # folder written by `model build-tiny`, or a hub id (GPU)
+    dtype: str = "float32"  # auto | float32 | bfloat16 | float16
+    attn_implementation: str | None = None  # e.g. flash_attention_2 on GPU; None = default
+    min_pixels: int | None = None  # override the processor's image limits (real models)
+    max_pixels: int | None = None
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    quantization: str | None = None  # 4bit | 8bit (QLoRA; GPU + bitsandbytes)
+    merge_lora: bool = True  # merge the adapter into the saved final model
+    tiny: dict[str, Any] = field(default_factory=dict)  # TinyModelSpec overrides for build-tiny
+
+    def lora_settings(self):
+        from .models import LoraSettings
+
+        if not self.use_lora:
+            return None
+        return LoraSettings(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+        )
+
+    def tiny_spec(self):
+        from facial_r1_core.config import from_section
+
+        from .models import TinyModelSpec
+
+        return from_section(TinyModelSpec, self.tiny, name="model.tiny")
+
+
+@dataclass
+class TrainerCommon:
+    """Keys shared by the SFT and GRPO sections (passed on to the TRL config)."""
+
+    base_model: str | None = None  # None: model.path
+    train_file: list[str] | str = field(default_factory=list)  # unified JSONL file(s)
+    output_dir: str = "runs/sft"  # checkpoints/ and model/ go here
+    model_dir: str | None = None  # final model folder (default: <output_dir>/model)
+    emotions: list[str] = field(
+        default_factory=lambda: [
+            "anger",
+            "disgust",
+            "fear",
+            "happiness",
+            "neutral",
+            "sadness",
+            "surprise",
+            "contempt",
+        ]
+    )
+    question: str | None = None  # None: each record's own question
+    max_samples: int | None = None  # cap on training records (after rejection)
+    max_steps: int = 1000  # <= 0: use num_train_epochs
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    resume: bool = True  # resume from the last checkpoint in <output_dir>/checkpoints
+    use_cpu: bool = True
+    bf16: bool = False
+    fp16: bool = False
+    activation_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+    deepspeed: str | None = None  # DeepSpeed JSON (GPU profile)
+    accelerate_config: str | None = None  # the launcher's config file (informational)
+    seed: int | None = None  # None: run.seed
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # extra TRL config fields
+
+    def train_files(self) -> list[str]:
+        files = [self.train_file] if isinstance(self.train_file, str) else list(self.train_file)
+        return [f for f in files if f]
+
+
+@dataclass
+class SFTStageConfig(TrainerCommon):
+    """``sft``: supervised fine-tuning on unified JSONL whose ``description`` is the completion."""
+
+    hint_fraction: float = 0.33  # share of prompts with the ground-truth block (synthesis needs it)
+    max_length: int | None = 1024
+    plain_loss: bool = True  # full-logits loss (CPU, small vocab); false: TRL's fused LM head
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hint_fraction <= 1.0:
+            raise ConfigError(f"sft.hint_fraction must be in [0, 1], got {self.hint_fraction}")
+
+
+@dataclass
+class GRPOStageConfig(TrainerCommon):
+    """``grpo``: GRPO with the core rewards on unified JSONL (labels and AUs as reward columns)."""
+
+    output_dir: str = "runs/grpo"
+    base_model: str | None = None  # None: the SFT model (sft.model_dir or <sft.output_dir>/model)
+    reward_variant: str = "paper"  # paper | reference
+    reward_weights: dict[str, float] = field(default_factory=dict)  # au/accuracy/format -> weight
+    num_generations: int = 4  # G
+    beta: float = 0.04  # KL coefficient
+    epsilon: float = 0.2  # clipping
+    epsilon_high: float | None = None
+    loss_type: str = "grpo"  # the paper's per-sequence normalisation; TRL default is dapo
+    scale_rewards: str = "group"
+    max_completion_length: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_iterations: int = 1
+    max_steps: int = 20
+    per_device_train_batch_size: int = 8
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    logging_steps: int = 1
+    save_steps: int = 10
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False
+    log_completions: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reward_variant not in ("paper", "reference"):
+            raise ConfigError(
+                f"grpo.reward_variant must be paper or reference, got {self.reward_variant!r}"
+            )
+        unknown = sorted(set(self.reward_weights) - set(REWARD_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"grpo.reward_weights: unknown reward(s) {', '.join(unknown)}; "
+                f"known: {', '.join(REWARD_NAMES)}"
+            )
+        if self.num_generations < 2:
+            raise ConfigError("grpo.num_generations must be >= 2 (advantages need a group)")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ConfigError(f"grpo.vllm_mode must be colocate or server, got {self.vllm_mode!r}")
+
+    def weights(self) -> list[float]:
+        """Weights in the order of ``rewards.reward_functions``: au, accuracy, format."""
+        return [float(self.reward_weights.get(name, 1.0)) for name in REWARD_NAMES]
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelStageConfig,
+    "sft": SFTStageConfig,
+    "grpo": GRPOStageConfig,
+}
+
+
+def parse_sections(profile: dict[str, Any]) -> dict[str, Any]:
+    """Build every training section of a resolved profile (raises ConfigError on bad keys)."""
+    from facial_r1_core.config import from_section
+
+    parsed = {
+        name: from_section(cls, profile.get(name) or {}, name=name)
+        for name, cls in SECTIONS.items()
+    }
+    parsed["model"].tiny_spec()
+    return parsed
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,339 @@
+"""Training data for TRL from the unified JSONL: validation with reasons, SFT and GRPO examples.
+
+Every line read ends up either kept or rejected with a reason (``read == kept + rejected``):
+
+* ``schema``: the line is not a valid record (bad JSON, missing field, unknown label ...);
+* ``empty_description``: SFT needs the completion in ``description``;
+* ``missing_image`` / ``bad_image``: the image file is absent or does not decode;
+* ``no_labels``: GRPO needs AUs or an emotion label for its rewards.
+
+Examples keep image *paths* (``datasets.Image`` decodes lazily), so large sets do not sit in memory.
+
+SFT examples are conversational prompt-completion rows (TRL computes the loss on the completion
+only)::
+
+    {"images": [path], "prompt": [{"role": "user", "content": SFT_PROMPT}],
+     "completion": [{"role": "assistant", "content": description}],
+     "hint_prompt": [{"role": "user", "content": SFT_PROMPT + GROUND_TRUTH_BLOCK}]}
+
+:class:`SFTCollator` swaps in ``hint_prompt`` for a configurable share of the examples of
+every batch (so each face is seen both with and without hints over the epochs). GRPO rows are
+``{"image": path, "prompt": [...], "AUs": [...], "labels": [...]}``; TRL adds the image block
+and passes ``AUs``/``labels`` to the reward functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from facial_r1_core.prompts import DEFAULT_QUESTION, sft_prompt, synthesis_prompt
+from facial_r1_core.schema import Record, iter_records_lenient
+
+REJECT_CODES = ("schema", "empty_description", "missing_image", "bad_image", "no_labels")
+
+
+@dataclasses.dataclass
+class Rejection:
+    path: str
+    line: int
+    code: str
+    reason: str
+    record_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """Counts of one load: ``read == kept + rejected`` always."""
+
+    read: int = 0
+    kept: int = 0
+    rejections: list[Rejection] = dataclasses.field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejections)
+
+    def by_code(self) -> dict[str, int]:
+        return dict(Counter(r.code for r in self.rejections))
+
+    def metrics(self, prefix: str = "data_") -> dict[str, int]:
+        out = {
+            f"{prefix}read": self.read,
+            f"{prefix}kept": self.kept,
+            f"{prefix}rejected": self.rejected,
+        }
+        for code in REJECT_CODES:
+            out[f"{prefix}rejected_{code}"] = self.by_code().get(code, 0)
+        return out
+
+    def summary(self) -> str:
+        codes = ", ".join(f"{k}={v}" for k, v in sorted(self.by_code().items())) or "none"
+        return f"read {self.read}, kept {self.kept}, rejected {self.rejected} ({codes})"
+
+
+@dataclasses.dataclass
+class TrainItem:
+    record: Record
+    image_path: Path
+
+
+def check_image(path: Path) -> str | None:
+    """None when ``path`` is a decodable image, else the reason it is not."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return f"image has no pixels: {path}"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"image does not decode ({type(exc).__name__}: {exc}): {path}"
+    return None
+
+
+def load_records(
+    files: Iterable[str | os.PathLike],
+    *,
+    require_description: bool = False,
+    require_labels: bool = False,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> tuple[list[TrainItem], LoadReport]:
+    """Read unified JSONL file(s) leniently; bad records are counted with reasons, never raised.
+
+    A file that does not exist is an error (a wrong path is not bad data).
+    """
+    from tqdm import tqdm
+
+    report = LoadReport()
+    items: list[TrainItem] = []
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"training file not found: {path}")
+        root = path.parent
+        for res in tqdm(
+            iter_records_lenient(path),
+            desc=f"reading {path.name}",
+            unit="rec",
+            disable=not progress,
+            leave=False,
+        ):
+            report.read += 1
+            rec = res.record
+            if rec is None:
+                err = res.error
+                report.rejections.append(
+                    Rejection(str(path), res.line, "schema", getattr(err, "reason", str(err)))
+                )
+                continue
+
+            def reject(code: str, reason: str, rec=rec, line=res.line, path=path) -> None:
+                report.rejections.append(Rejection(str(path), line, code, reason, rec.id))
+
+            if require_description and not rec.description.strip():
+                reject("empty_description", "description (the completion) is empty")
+                continue
+            if require_labels and not rec.AUs and not rec.labels:
+                reject("no_labels", "record has neither AUs nor an emotion label")
+                continue
+            image_path = rec.image_path(root)
+            problem = check_image(image_path)
+            if problem is not None:
+                reject("missing_image" if not image_path.is_file() else "bad_image", problem)
+                continue
+            items.append(TrainItem(rec, image_path))
+            report.kept += 1
+    if max_samples is not None and max_samples >= 0 and len(items) > max_samples:
+        items = items[:max_samples]
+        report.kept = len(items)
+    return items, report
+
+
+def _question(rec: Record, question: str | None) -> str:
+    return question or rec.question or DEFAULT_QUESTION
+
+
+def hint_prompt_text(rec: Record, emotions: Sequence[str], question: str | None = None) -> str:
+    """The ground-truth-hinted prompt (synthesis prompt without the error block)."""
+    return synthesis_prompt(
+        _question(rec, question), emotions, list(rec.AUs), rec.emotion or ", ".join(rec.labels)
+    )
+
+
+def sft_rows(
+    items: Sequence[TrainItem], emotions: Sequence[str], question: str | None = None
+) -> list[dict[str, Any]]:
+    rows = []
+    for item in items:
+        rec = item.record
+        rows.append(
+            {
+                "images": [str(item.image_path)],
+                "prompt": [
+                    {"role": "user", "content": sft_prompt(_question(rec, question), emotions)}
+                ],
+                "completion": [{"role": "assistant", "content": rec.description}],
+                "hint_prompt": [
+                    {"role": "user", "content": hint_prompt_text(rec, emotions, question)}
+                ],
+            }
+        )
+    return rows
+
+
+def grpo_rows(
+    items: Sequence[TrainItem], emotions: Sequence[str], question: str | None = None
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "image": str(item.image_path),
+            "prompt": [
+                {"role": "user", "content": sft_prompt(_question(item.record, question), emotions)}
+            ],
+            "AUs": list(item.record.AUs),
+            "labels": list(item.record.labels),
+        }
+        for item in items
+    ]
+
+
+def to_dataset(rows: list[dict[str, Any]], image_column: str):
+    """A ``datasets.Dataset`` whose image column decodes lazily from the stored paths."""
+    from datasets import Dataset, Image, List
+
+    if not rows:
+        raise ValueError("no training examples left after validation")
+    ds = Dataset.from_list(rows)
+    feature = List(Image()) if isinstance(rows[0][image_column], list) else Image()
+    return ds.cast_column(image_column, feature)
+
+
+class SFTCollator:
+    """Batches SFT rows for a Qwen2.5-VL-style processor; loss on the completion tokens only.
+
+    For each example the hinted prompt is used with probability ``hint_fraction`` (seeded), so
+    every face is seen both with and without hints over the epochs. The prompt is rendered with
+    the processor's chat template (image block first, generation prompt added); the completion
+    text is what the template appends for the assistant turn (content + end-of-turn), found once
+    by rendering a sentinel. Rows are ``prompt ids + completion ids``, right-padded; ``labels``
+    are -100 outside the completion. (Equivalent to TRL's prompt-completion collator, without
+    its per-character prefix search, which dominated the tiny model's step time.)
+    """
+
+    _SENTINEL = "\x00COMPLETION\x00"
+
+    def __init__(
+        self, processor, *, hint_fraction: float = 0.0, seed: int = 0, max_length: int | None = None
+    ):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.hint_fraction = float(hint_fraction)
+        self.max_length = max_length
+        self.rng = random.Random(seed)
+        self.hinted = 0
+        self.seen = 0
+        self._prompt_cache: dict[str, str] = {}
+        self._between, self._suffix = self._completion_frame()
+
+    def _messages(self, text: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+    def _render_prompt(self, text: str) -> str:
+        cached = self._prompt_cache.get(text)
+        if cached is None:
+            cached = self.processor.apply_chat_template(
+                self._messages(text), add_generation_prompt=True, tokenize=False
+            )
+            if len(self._prompt_cache) < 10_000:
+                self._prompt_cache[text] = cached
+        return cached
+
+    def _completion_frame(self) -> tuple[str, str]:
+        prompt = self._render_prompt("x")
+        full = self.processor.apply_chat_template(
+            [*self._messages("x"), {"role": "assistant", "content": self._SENTINEL}],
+            tokenize=False,
+        )
+        if not full.startswith(prompt) or self._SENTINEL not in full:
+            raise ValueError("the chat template does not extend the prompt with the assistant turn")
+        between, _, suffix = full[len(prompt) :].partition(self._SENTINEL)
+        return between, suffix
+
+    def completion_text(self, content: str) -> str:
+        return f"{self._between}{content}{self._suffix}"
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        prompts, completions, images = [], [], []
+        for example in examples:
+            messages = example["prompt"]
+            hint = example.get("hint_prompt")
+            if hint and self.hint_fraction > 0 and self.rng.random() < self.hint_fraction:
+                messages = hint
+                self.hinted += 1
+            self.seen += 1
+            prompts.append(self._render_prompt(messages[0]["content"]))
+            completions.append(self.completion_text(example["completion"][0]["content"]))
+            imgs = example.get("images")
+            images.append([_rgb(i) for i in imgs] if imgs else [])
+        flat_images = [img for imgs in images for img in imgs] or None
+        batch = self.processor(
+            text=prompts,
+            images=flat_images,
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        comp = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
+        pad = self.tokenizer.pad_token_id
+        rows, labels = [], []
+        mm_rows = []
+        has_mm = "mm_token_type_ids" in batch
+        for i, completion_ids in enumerate(comp):
+            keep = batch["attention_mask"][i].bool()
+            prompt_ids = batch["input_ids"][i][keep].tolist()
+            ids = prompt_ids + list(completion_ids)
+            lab = [-100] * len(prompt_ids) + list(completion_ids)
+            if has_mm:
+                mm = batch["mm_token_type_ids"][i][keep].tolist() + [0] * len(completion_ids)
+            if self.max_length is not None and len(ids) > self.max_length:
+                ids, lab = ids[: self.max_length], lab[: self.max_length]
+                if has_mm:
+                    mm = mm[: self.max_length]
+            rows.append(ids)
+            labels.append(lab)
+            if has_mm:
+                mm_rows.append(mm)
+        width = max(len(r) for r in rows)
+        out: dict[str, Any] = {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
+        }
+        if has_mm:
+            out["mm_token_type_ids"] = torch.tensor([r + [0] * (width - len(r)) for r in mm_rows])
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in batch:
+                out[key] = batch[key]
+        return out
+
+    @property
+    def hinted_share(self) -> float:
+        return self.hinted / self.seen if self.seen else 0.0
+
+
+def _rgb(image):
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image

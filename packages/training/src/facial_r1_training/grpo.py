@@ -1,0 +1,216 @@
+"""Stage 2: GRPO with TRL's GRPOTrainer and the core rewards (``facial-r1 grpo``).
+
+Rewards: ``facial_r1_core.rewards.reward_functions(variant)`` = [AU F1, emotion accuracy, format],
+weighted by ``grpo.reward_weights`` (au/accuracy/format, default 1 each). The records' ``AUs`` and
+``labels`` columns reach the reward functions as keyword arguments. Records without a decodable
+image, or without AUs and labels, are rejected with reasons.
+
+Logged per step (MLflow, from TRL's logs): ``rewards/<fn>/mean`` and ``/std`` for each component,
+``reward`` (weighted total), ``kl``, ``completions/mean_length``, ``frac_reward_zero_std`` (the
+share of groups whose G rewards are all equal, i.e. no learning signal; also logged as
+``zero_variance_groups``), ``entropy``, ``clip_ratio/*``, ``s_per_step``.
+
+On the GPU profile ``use_vllm``/``vllm_mode`` (colocate)/``vllm_gpu_memory_utilization``/
+``vllm_tensor_parallel_size`` are passed through to TRL. Checkpoints and resume as for SFT.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .configs import REWARD_NAMES, GRPOStageConfig, SFTStageConfig
+from .data import grpo_rows, load_records, to_dataset
+from .trainer_common import (
+    common_args,
+    last_checkpoint,
+    mlflow_callback,
+    model_section,
+    output_paths,
+    plot_history,
+    resolve_model,
+    save_final,
+)
+
+log = logging.getLogger("facial_r1.grpo")
+
+
+def named_reward(fn, name: str):
+    """``fn`` under a short name (TRL logs ``rewards/<name>/mean``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    wrapper.__name__ = name
+    return wrapper
+
+
+def reward_funcs(variant: str) -> list:
+    from facial_r1_core.rewards import reward_functions
+
+    return [
+        named_reward(fn, name)
+        for fn, name in zip(reward_functions(variant), REWARD_NAMES, strict=True)
+    ]
+
+
+def default_base_model(ctx) -> str:
+    """The SFT stage's final model (``sft.model_dir`` or ``<sft.output_dir>/model``)."""
+    from facial_r1_core.config import from_section
+
+    sft = from_section(SFTStageConfig, ctx.profile.get("sft") or {}, name="sft")
+    path: Path = ctx.path(sft.model_dir) if sft.model_dir else ctx.path(sft.output_dir) / "model"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"GRPO starts from the SFT model, but {path} does not exist: run `facial-r1 sft` "
+            "first, or set grpo.base_model (or --base-model)"
+        )
+    return str(path)
+
+
+def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The body of ``facial-r1 grpo`` (see :func:`facial_r1_training.stage.run_stage`)."""
+    import shutil
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .models import load_model_and_processor
+
+    cfg: GRPOStageConfig = ctx.config
+    mcfg = model_section(ctx)
+    files = [ctx.path(f) for f in cfg.train_files()]
+    if not files:
+        raise ValueError("grpo.train_file is empty: give the unified JSONL to train on")
+    _, ckpt_dir, model_dir = output_paths(ctx, cfg)
+
+    items, report = load_records(files, require_labels=True, max_samples=cfg.max_samples)
+    log.info("grpo data: %s", report.summary())
+    ctx.log_dict([r.to_dict() for r in report.rejections], "grpo/rejected.json")
+    if not items:
+        raise ValueError(
+            f"no usable GRPO records in {', '.join(map(str, files))}: {report.summary()}"
+        )
+    dataset = to_dataset(grpo_rows(items, cfg.emotions, cfg.question), "image")
+
+    base = resolve_model(ctx, cfg.base_model) if cfg.base_model else default_base_model(ctx)
+    model, processor = load_model_and_processor(
+        base,
+        dtype=mcfg.dtype,
+        lora=mcfg.lora_settings(),
+        quantization=mcfg.quantization,
+        attn_implementation=mcfg.attn_implementation,
+        min_pixels=mcfg.min_pixels,
+        max_pixels=mcfg.max_pixels,
+        trainable=True,
+    )
+    targs = common_args(ctx, cfg, ckpt_dir)
+    targs.update(
+        num_generations=cfg.num_generations,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type,
+        scale_rewards=cfg.scale_rewards,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        num_iterations=cfg.num_iterations,
+        reward_weights=cfg.weights(),
+        use_vllm=cfg.use_vllm,
+        log_completions=cfg.log_completions,
+    )
+    if cfg.use_vllm:
+        targs.update(
+            vllm_mode=cfg.vllm_mode,
+            vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            vllm_enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+        )
+    targs.update(cfg.trainer_kwargs)
+    grpo_args = GRPOConfig(**targs)
+
+    callback = mlflow_callback(ctx)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs(cfg.reward_variant),
+        args=grpo_args,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[callback],
+    )
+    if not cfg.resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    resume_from = last_checkpoint(ckpt_dir) if cfg.resume else None
+    start_step = 0
+    if resume_from:
+        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        start_step = int(state.get("global_step", 0))
+        log.info("resuming GRPO from %s (step %s)", resume_from, start_step)
+    ctx.set_tags(
+        {"resumed_from_step": start_step, "base_model": base, "reward_variant": cfg.reward_variant}
+    )
+
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_time = time.time() - t0
+    steps = int(trainer.state.global_step)
+    s_per_step = callback.seconds_per_step(steps)
+    save_final(
+        trainer,
+        processor,
+        model_dir,
+        merge_lora=mcfg.merge_lora,
+        extra={
+            "facial_r1_training.json": {
+                "stage": "grpo",
+                "base_model": base,
+                "steps": steps,
+                "config_hash": ctx.config_hash,
+                "train_files": [str(f) for f in files],
+                "reward_variant": cfg.reward_variant,
+                "reward_weights": dict(zip(REWARD_NAMES, cfg.weights(), strict=True)),
+            },
+        },
+    )
+    history = callback.history
+    keys = [
+        "reward",
+        *[f"rewards/{n}/mean" for n in REWARD_NAMES],
+        "kl",
+        "completions/mean_length",
+        "frac_reward_zero_std",
+    ]
+    fig = plot_history(history, keys, "GRPO")
+    if fig is not None:
+        ctx.log_figure(fig, "grpo/curves.png")
+
+    def mean_of(key: str) -> float | None:
+        values = [h[key] for h in history if key in h]
+        return sum(values) / len(values) if values else None
+
+    metrics: dict[str, Any] = {
+        **report.metrics(),
+        "train_loss": result.training_loss,
+        "global_step": steps,
+        "resumed_from_step": start_step,
+        "train_time_s": round(train_time, 3),
+        "samples": len(items),
+    }
+    for key, name in [
+        ("reward", "mean_reward"),
+        ("kl", "mean_kl"),
+        ("completions/mean_length", "mean_completion_length"),
+        ("frac_reward_zero_std", "mean_zero_variance_groups"),
+        *[(f"rewards/{n}/mean", f"mean_reward_{n}") for n in REWARD_NAMES],
+    ]:
+        value = mean_of(key)
+        if value is not None:
+            metrics[name] = value
+    if s_per_step is not None:
+        metrics["s_per_step"] = round(s_per_step, 4)
+    return {"model": str(model_dir), "checkpoints": str(ckpt_dir)}, metrics

@@ -1,0 +1,636 @@
+"""Stage 3a, ``facial-r1 synthesize``: reasoning data from the model with ground-truth hints.
+
+For every input record the prompt is the inference prompt plus the ground-truth block
+(:func:`facial_r1_core.prompts.synthesis_prompt`). The completion is checked with
+:func:`facial_r1_core.filter.check`; a rejected completion is retried with the reflective error
+block (the previous response and its issues), up to ``max_retries`` retries, at a temperature
+that may rise per retry.
+
+Scheduling is batched: a pool of at most ``batch_size`` unfinished samples (new records and
+retries alike) is generated in one backend call, so retries never serialise the work and every
+micro-batch is full until the input runs dry.
+
+Every finished sample (accepted, rejected after its last retry, or bad input) is appended to a
+journal (JSONL, flushed and fsync'd per micro-batch) before anything else happens to it. A run
+that is killed restarts from the journal: finished samples are skipped, unfinished ones start
+over, nothing is duplicated. The accepted and rejected files are written atomically from the
+journal at the end, and ``read == accepted + rejected`` is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
+
+from .generation import GenerationBackend, GenerationRequest, load_image
+
+JOURNAL_KIND = "facial-r1 synthesis journal"
+log = logging.getLogger("facial_r1.synthesis")
+
+
+@dataclass
+class SynthesisConfig:
+    """The ``synthesis`` section of a profile (documented in configs/README.md)."""
+
+    input_file: str = ""
+    model_path: str = ""
+    output_file: str = ""
+    rejected_file: str = ""
+    work_dir: str = "runs/synthesis"
+    backend: str = "transformers"
+    batch_size: int = 32
+    max_retries: int = 5
+    temperature: float = 0.7
+    temperature_step: float = 0.0
+    max_temperature: float = 1.2
+    max_new_tokens: int = 96
+    top_k: int = 0
+    emotions: list[str] | None = None
+    limit: int = 0
+    vllm: dict[str, Any] = field(default_factory=dict)
+
+
+class SynthesisInterruptedError(RuntimeError):
+    """Raised by the ``stop_after`` test hook once that many samples are journaled."""
+
+
+class JournalMismatchError(RuntimeError):
+    """The journal on disk belongs to another input file."""
+
+
+def temperature_for(attempt: int, cfg: SynthesisConfig) -> float:
+    """Sampling temperature for a 0-based attempt number.
+
+    >>> cfg = SynthesisConfig(temperature=0.7, temperature_step=0.2, max_temperature=1.0)
+    >>> [round(temperature_for(a, cfg), 2) for a in range(4)]
+    [0.7, 0.9, 1.0, 1.0]
+    """
+    return min(cfg.max_temperature, cfg.temperature + cfg.temperature_step * attempt)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# journal
+
+
+class Journal:
+    """Append-only JSONL of finished samples; the first line is a header naming the input."""
+
+    def __init__(self, path: str | os.PathLike, signature: str, input_path: str):
+        self.path = Path(path)
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"kind": JOURNAL_KIND, "input": input_path, "signature": signature}
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._load(signature)
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        else:
+            self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+            self._handle.write(json.dumps(header) + "\n")
+            self._sync()
+
+    def _load(self, signature: str) -> None:
+        with open(self.path, "rb") as handle:
+            blob = handle.read()
+        good_end = 0
+        offset = 0
+        first = True
+        for raw in blob.split(b"\n"):
+            end = offset + len(raw) + 1
+            if raw.strip():
+                if end > len(blob):  # no trailing newline: the write was cut short
+                    break
+                try:
+                    data = json.loads(raw)
+                except json.JSONDecodeError:
+                    break  # a torn line from a kill: drop it and everything after
+                if first:
+                    if data.get("kind") != JOURNAL_KIND:
+                        raise JournalMismatchError(f"{self.path}: not a synthesis journal")
+                    if data.get("signature") != signature:
+                        raise JournalMismatchError(
+                            f"{self.path}: journal of another run (input {data.get('input')}; "
+                            "input content, model or generation settings differ)"
+                        )
+                    first = False
+                else:
+                    self.entries[data["key"]] = data
+                good_end = end
+            offset = end
+        if first:
+            raise JournalMismatchError(f"{self.path}: journal without a header; delete it")
+        if good_end < len(blob):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(good_end)
+
+    def _sync(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def done(self, key: str) -> bool:
+        return key in self.entries
+
+    def append(self, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            if entry["key"] in self.entries:
+                raise AssertionError(f"sample {entry['key']} journaled twice")
+            self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.entries[entry["key"]] = entry
+        self._sync()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the batched loop
+
+
+@dataclass
+class _Pending:
+    key: str
+    line: int
+    record: Record
+    image: Any
+    emotion_text: str
+    attempts: int = 0
+    prev_response: str | None = None
+    prev_reasons: list[str] = field(default_factory=list)
+    code_history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SynthesisSummary:
+    read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    resumed: int = 0
+    generated: int = 0
+    backend_calls: int = 0
+    wall_time_s: float = 0.0
+    reject_codes: dict[str, int] = field(default_factory=dict)
+    attempts_histogram: dict[str, int] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        rate = self.accepted / self.read if self.read else 0.0
+        return {
+            "read": self.read,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "acceptance_rate": round(rate, 4),
+            "resumed": self.resumed,
+            "generated": self.generated,
+            "backend_calls": self.backend_calls,
+            "accepted_per_s": round(self.accepted / self.wall_time_s, 3)
+            if self.wall_time_s
+            else 0.0,
+        }
+
+
+def _emotion_text(record: Record) -> str:
+    return ", ".join(record.labels)
+
+
+def _rejection(key, line, record, raw, attempts, reasons, codes, last=None) -> dict[str, Any]:
+    return {
+        "key": key,
+        "line": line,
+        "status": "rejected",
+        "id": record.id if record else None,
+        "record": record.to_dict() if record else None,
+        "raw": raw if record is None else None,
+        "attempts": attempts,
+        "reasons": reasons,
+        "codes": codes,
+        "last_completion": last,
+    }
+
+
+def _prepare(result, root: Path) -> tuple[str, _Pending | dict[str, Any]]:
+    """A journal key and either a pending sample or a finished rejection (bad input)."""
+    if result.record is None:
+        key = f"{result.line}:invalid"
+        reason = f"bad record: {result.error}"
+        return key, _rejection(
+            key, result.line, None, result.raw.strip(), 0, [reason], ["bad_record"]
+        )
+    rec: Record = result.record
+    key = f"{result.line}:{rec.id}"
+    if not rec.AUs and not rec.labels:
+        return key, _rejection(
+            key,
+            result.line,
+            rec,
+            None,
+            0,
+            ["no labels: the record has neither AUs nor an emotion label"],
+            ["no_labels"],
+        )
+    path = rec.image_path(root)
+    if not path.is_file():
+        return key, _rejection(
+            key, result.line, rec, None, 0, [f"image missing: {path}"], ["image_missing"]
+        )
+    try:
+        image = load_image(path)
+    except Exception as exc:  # PIL raises several types for broken files
+        return key, _rejection(
+            key,
+            result.line,
+            rec,
+            None,
+            0,
+            [f"image undecodable: {path}: {exc}"],
+            ["image_undecodable"],
+        )
+    return key, _Pending(key, result.line, rec, image, _emotion_text(rec))
+
+
+def iter_input(path: str | os.PathLike, limit: int = 0):
+    """Lenient records of the input JSONL, at most ``limit`` (0 = all)."""
+    for count, result in enumerate(iter_records_lenient(path), start=1):
+        if limit and count > limit:
+            return
+        yield result
+
+
+def synthesize(
+    input_file: str | os.PathLike,
+    backend: GenerationBackend,
+    cfg: SynthesisConfig,
+    journal: Journal,
+    *,
+    emotions: list[str],
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> SynthesisSummary:
+    """Run the batched generate-check-retry loop over the input, journaling finished samples."""
+    from facial_r1_core.filter import check
+    from facial_r1_core.prompts import synthesis_prompt
+
+    start = time.perf_counter()
+    root = Path(input_file).parent
+    summary = SynthesisSummary()
+    source: Iterator = iter_input(input_file, cfg.limit)
+    pool: deque[_Pending] = deque()
+    finished_now = 0
+    exhausted = False
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="synthesize", unit="sample")
+
+    def record_finished(entries: list[dict[str, Any]]) -> None:
+        nonlocal finished_now
+        if not entries:
+            return
+        journal.append(entries)
+        finished_now += len(entries)
+        if bar is not None:
+            bar.update(len(entries))
+        if stop_after is not None and finished_now >= stop_after:
+            raise SynthesisInterruptedError(f"stopped after {finished_now} samples (test hook)")
+
+    while True:
+        bad: list[dict[str, Any]] = []
+        while not exhausted and len(pool) < backend.batch_size:
+            result = next(source, None)
+            if result is None:
+                exhausted = True
+                break
+            summary.read += 1
+            key = f"{result.line}:{result.record.id}" if result.record else f"{result.line}:invalid"
+            if journal.done(key):
+                summary.resumed += 1
+                continue
+            key, item = _prepare(result, root)
+            if isinstance(item, dict):
+                bad.append(item)
+            else:
+                pool.append(item)
+        record_finished(bad)
+        if not pool:
+            break
+        batch = [pool.popleft() for _ in range(min(backend.batch_size, len(pool)))]
+        requests = [
+            GenerationRequest(
+                prompt=synthesis_prompt(
+                    p.record.question,
+                    emotions,
+                    p.record.AUs,
+                    p.emotion_text,
+                    prev_response=p.prev_response,
+                    errors=p.prev_reasons if p.prev_response is not None else None,
+                ),
+                image=p.image,
+                temperature=temperature_for(p.attempts, cfg),
+                key=p.key,
+            )
+            for p in batch
+        ]
+        completions = backend.generate(requests)
+        if len(completions) != len(batch):
+            raise RuntimeError(
+                f"backend {backend.name} returned {len(completions)} completions for "
+                f"{len(batch)} requests"
+            )
+        summary.generated += len(batch)
+        summary.backend_calls += 1
+        done: list[dict[str, Any]] = []
+        for p, req, text in zip(batch, requests, completions, strict=True):
+            p.attempts += 1
+            verdict = check(text, p.record.AUs, p.record.labels)
+            if verdict.accepted:
+                rec = Record.from_dict(p.record.to_dict())
+                rec.description = text.strip()
+                rec.meta_info = {
+                    **rec.meta_info,
+                    "synthesis": {"attempts": p.attempts, "temperature": req.temperature},
+                }
+                done.append(
+                    {
+                        "key": p.key,
+                        "line": p.line,
+                        "status": "accepted",
+                        "id": rec.id,
+                        "record": rec.to_dict(),
+                        "attempts": p.attempts,
+                    }
+                )
+            elif p.attempts > cfg.max_retries:
+                codes = list(dict.fromkeys([*p.code_history, *verdict.codes]))
+                done.append(
+                    _rejection(
+                        p.key,
+                        p.line,
+                        p.record,
+                        None,
+                        p.attempts,
+                        list(verdict.reasons),
+                        codes,
+                        last=text,
+                    )
+                )
+            else:
+                p.prev_response = text.strip()
+                p.prev_reasons = list(verdict.reasons)
+                p.code_history.extend(verdict.codes)
+                pool.append(p)
+        record_finished(done)
+    if bar is not None:
+        bar.close()
+    summary.wall_time_s = time.perf_counter() - start
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# final outputs
+
+
+def finalize(
+    journal: Journal,
+    summary: SynthesisSummary,
+    accepted_path: str | os.PathLike,
+    rejected_path: str | os.PathLike,
+) -> SynthesisSummary:
+    """Write accepted/rejected files atomically from the journal, in input order; reconcile."""
+    entries = sorted(journal.entries.values(), key=lambda e: e["line"])
+    accepted = [e for e in entries if e["status"] == "accepted"]
+    rejected = [e for e in entries if e["status"] == "rejected"]
+    with atomic_write(accepted_path) as handle:
+        for e in accepted:
+            handle.write(json.dumps(e["record"], ensure_ascii=False) + "\n")
+    with atomic_write(rejected_path) as handle:
+        for e in rejected:
+            row = {k: v for k, v in e.items() if k not in ("key", "status")}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary.accepted, summary.rejected = len(accepted), len(rejected)
+    codes = Counter(c for e in rejected for c in e.get("codes", []))
+    summary.reject_codes = dict(sorted(codes.items()))
+    summary.attempts_histogram = dict(
+        sorted(Counter(str(e["attempts"]) for e in entries).items(), key=lambda kv: int(kv[0]))
+    )
+    if summary.read != summary.accepted + summary.rejected:
+        raise AssertionError(
+            f"counts do not reconcile: read {summary.read} != accepted {summary.accepted} + "
+            f"rejected {summary.rejected} (journal {journal.path})"
+        )
+    return summary
+
+
+def default_output_paths(input_file: str | os.PathLike) -> tuple[Path, Path]:
+    """``<root>/<stem>_synth.jsonl`` and ``<root>/<stem>_synth_rejected.jsonl`` beside the input.
+
+    Outputs stay in the input's root so that ``<root>/<dataset>/<image>`` still resolves.
+
+    >>> [p.name for p in default_output_paths("data/demo/DemoFaces_pool.jsonl")]
+    ['DemoFaces_pool_synth.jsonl', 'DemoFaces_pool_synth_rejected.jsonl']
+    """
+    path = Path(input_file)
+    return (
+        path.with_name(f"{path.stem}_synth.jsonl"),
+        path.with_name(f"{path.stem}_synth_rejected.jsonl"),
+    )
+
+
+def model_fingerprint(model_path: str | os.PathLike) -> str:
+    """Path plus name, size and mtime of the weight files (cheap even for 15 GB checkpoints)."""
+    path = Path(model_path)
+    parts = [str(path.resolve()) if path.exists() else str(model_path)]
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def run_signature(input_file: str | os.PathLike, cfg: SynthesisConfig, model_id: str) -> str:
+    """What must match for a journal to be resumed: input content, model, generation settings."""
+    settings = {
+        "input_sha256": file_sha256(input_file),
+        "model": model_id,
+        "emotions": cfg.emotions,
+        "max_retries": cfg.max_retries,
+        "temperature": [cfg.temperature, cfg.temperature_step, cfg.max_temperature],
+        "max_new_tokens": cfg.max_new_tokens,
+        "top_k": cfg.top_k,
+        "limit": cfg.limit,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def run(
+    cfg: SynthesisConfig,
+    backend: GenerationBackend,
+    *,
+    emotions: list[str],
+    model_id: str = "",
+    fresh: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> tuple[SynthesisSummary, dict[str, str]]:
+    """Synthesis end to end for a config and a backend; returns the summary and output paths."""
+    if not cfg.input_file:
+        raise ValueError("synthesis.input_file is not set")
+    input_file = Path(cfg.input_file)
+    if not input_file.is_file():
+        raise FileNotFoundError(f"synthesis input not found: {input_file}")
+    accepted_default, rejected_default = default_output_paths(input_file)
+    accepted_path = Path(cfg.output_file) if cfg.output_file else accepted_default
+    rejected_path = Path(cfg.rejected_file) if cfg.rejected_file else rejected_default
+    work = Path(cfg.work_dir)
+    journal_path = work / "journal.jsonl"
+    if fresh and journal_path.exists():
+        journal_path.unlink()
+    signature = run_signature(input_file, cfg, model_id)
+    try:
+        journal = Journal(journal_path, signature, str(input_file))
+    except JournalMismatchError as exc:
+        stale = journal_path.with_name(journal_path.name + ".stale")
+        log.warning("%s: starting over (old journal kept as %s)", exc, stale)
+        os.replace(journal_path, stale)
+        journal = Journal(journal_path, signature, str(input_file))
+    try:
+        summary = synthesize(
+            input_file,
+            backend,
+            cfg,
+            journal,
+            emotions=emotions,
+            stop_after=stop_after,
+            progress=progress,
+        )
+    finally:
+        journal.close()
+    finalize(journal, summary, accepted_path, rejected_path)
+    stats = {
+        **summary.metrics(),
+        "reject_codes": summary.reject_codes,
+        "attempts_histogram": summary.attempts_histogram,
+        "wall_time_s": round(summary.wall_time_s, 3),
+    }
+    stats_path = work / "synthesis_stats.json"
+    with atomic_write(stats_path) as handle:
+        json.dump(stats, handle, indent=2)
+    outputs = {
+        "accepted": str(accepted_path),
+        "rejected": str(rejected_path),
+        "journal": str(journal_path),
+        "stats": str(stats_path),
+    }
+    return summary, outputs
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def resolve_model_path(ctx, value: str) -> str:
+    """A local folder (relative to the project home) if it exists, else the value (hub id)."""
+    local = ctx.path(value)
+    return str(local) if local.exists() else value
+
+
+def prompt_emotions(configured: list[str] | None) -> list[str]:
+    """The emotion list shown in prompts: the profile's, else the 8 emotions (with contempt)."""
+    from facial_r1_core.vocab import EMOTIONS, normalize_emotion
+
+    return [normalize_emotion(e) for e in configured] if configured else list(EMOTIONS)
+
+
+def add_parser(subparsers) -> None:
+    from .stage import add_stage_arguments
+
+    parser = subparsers.add_parser(
+        "synthesize",
+        help="stage 3a: synthesize reasoning data with ground-truth hints, filter, retry",
+        description=(
+            "For each input record: prompt = inference prompt + ground-truth block; sample; "
+            "check with the core filter; retry rejected samples with the reflective error "
+            "block (up to synthesis.max_retries). Batched over all pending samples, resumable "
+            "from a journal. Writes accepted records (description = the completion) and "
+            "rejected records with reasons and attempt counts."
+        ),
+    )
+    parser.add_argument("--input", help="input JSONL (overrides synthesis.input_file)")
+    parser.add_argument("--model", help="model folder or hub id (overrides synthesis.model_path)")
+    parser.add_argument("--output", help="accepted JSONL (overrides synthesis.output_file)")
+    parser.add_argument("--limit", type=int, help="at most N input records (synthesis.limit)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="ignore an existing journal and start over"
+    )
+    add_stage_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from .stage import run_stage
+
+    return run_stage(
+        args, stage="synthesize", section="synthesis", config_cls=SynthesisConfig, body=_body
+    )
+
+
+def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
+    from .generation import create_backend
+
+    cfg: SynthesisConfig = ctx.config
+    args = ctx.args
+    for flag, name in (
+        ("input", "input_file"),
+        ("model", "model_path"),
+        ("output", "output_file"),
+        ("limit", "limit"),
+    ):
+        value = getattr(args, flag, None) if args is not None else None
+        if value is not None:
+            setattr(cfg, name, value)
+    if not cfg.model_path:
+        raise ValueError("synthesis.model_path is not set (or pass --model)")
+    cfg.input_file = str(ctx.path(cfg.input_file)) if cfg.input_file else ""
+    for name in ("output_file", "rejected_file"):
+        if getattr(cfg, name):
+            setattr(cfg, name, str(ctx.path(getattr(cfg, name))))
+    cfg.work_dir = str(ctx.path(cfg.work_dir))
+    model_path = resolve_model_path(ctx, cfg.model_path)
+    backend = create_backend(
+        cfg.backend,
+        model_path,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        top_k=cfg.top_k,
+        seed=ctx.seed,
+        vllm_options=cfg.vllm,
+    )
+    summary, outputs = run(
+        cfg,
+        backend,
+        emotions=prompt_emotions(cfg.emotions),
+        model_id=model_fingerprint(model_path),
+        fresh=bool(getattr(args, "fresh", False)),
+    )
+    ctx.log_artifact(outputs["stats"])
+    ctx.log_artifact(outputs["rejected"], "synthesis")
+    metrics = {**summary.metrics(), "wall_time_s": round(summary.wall_time_s, 3)}
+    for code, count in summary.reject_codes.items():
+        metrics[f"reject_{code}"] = count
+    return outputs, metrics

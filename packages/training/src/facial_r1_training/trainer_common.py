@@ -1,0 +1,161 @@
+"""What the SFT and GRPO stages share: model choice, TRL arguments, checkpoints, MLflow logging."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from facial_r1_core.config import from_section
+
+from .configs import ModelStageConfig, TrainerCommon
+
+log = logging.getLogger("facial_r1.training")
+
+CHECKPOINTS = "checkpoints"
+
+
+def model_section(ctx) -> ModelStageConfig:
+    return from_section(ModelStageConfig, ctx.profile.get("model") or {}, name="model")
+
+
+def resolve_model(ctx, value: str) -> str:
+    """A profile model reference: an existing local folder (made absolute) or a hub id."""
+    local = ctx.path(value)
+    if local.exists():
+        return str(local)
+    if value.startswith((".", "/", "~")) or value.count("/") != 1:
+        raise FileNotFoundError(
+            f"model folder not found: {local} (build it with `facial-r1 model build-tiny` or "
+            "give a hub id like Qwen/Qwen2.5-VL-7B-Instruct)"
+        )
+    return value
+
+
+def output_paths(ctx, cfg: TrainerCommon) -> tuple[Path, Path, Path]:
+    """(output_dir, checkpoint_dir, final model dir)."""
+    out = ctx.path(cfg.output_dir)
+    model_dir = ctx.path(cfg.model_dir) if cfg.model_dir else out / "model"
+    return out, out / CHECKPOINTS, model_dir
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest complete ``checkpoint-N`` folder (one with trainer_state.json), or None."""
+    if not checkpoint_dir.is_dir():
+        return None
+    done = []
+    for child in checkpoint_dir.iterdir():
+        if child.is_dir() and child.name.startswith("checkpoint-"):
+            try:
+                step = int(child.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if (child / "trainer_state.json").is_file():
+                done.append((step, child))
+    return str(max(done)[1]) if done else None
+
+
+def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]:
+    """Keyword arguments shared by SFTConfig and GRPOConfig."""
+    seed = cfg.seed if cfg.seed is not None else ctx.seed
+    args: dict[str, Any] = {
+        "output_dir": str(checkpoint_dir),
+        "max_steps": cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
+        "num_train_epochs": cfg.num_train_epochs,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "use_cpu": cfg.use_cpu,
+        "bf16": cfg.bf16,
+        "fp16": cfg.fp16,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "dataloader_num_workers": cfg.dataloader_num_workers,
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",  # our callback logs to the stage's MLflow run
+        "remove_unused_columns": False,
+        "disable_tqdm": False,
+    }
+    if cfg.deepspeed:
+        args["deepspeed"] = str(ctx.path(cfg.deepspeed))
+    args.update(cfg.trainer_kwargs)
+    return args
+
+
+def mlflow_callback(ctx, extra=None):
+    """A TrainerCallback that sends every trainer log line to the stage's run, plus s/step."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def __init__(self):
+            self.t0: float | None = None
+            self.step0 = 0
+            self.history: list[dict[str, Any]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.time()
+            self.step0 = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if self.t0 is not None and state.global_step > self.step0:
+                logs["s_per_step"] = (time.time() - self.t0) / (state.global_step - self.step0)
+            if extra is not None:
+                logs.update(extra())
+            if "frac_reward_zero_std" in logs:  # GRPO: share of groups without learning signal
+                logs["zero_variance_groups"] = logs["frac_reward_zero_std"]
+            self.history.append({"step": state.global_step, **logs})
+            ctx.log_metrics(logs, step=state.global_step)
+
+        def seconds_per_step(self, final_step: int) -> float | None:
+            if self.t0 is None or final_step <= self.step0:
+                return None
+            return (time.time() - self.t0) / (final_step - self.step0)
+
+    return _Callback()
+
+
+def save_final(trainer, processor, model_dir: Path, *, merge_lora: bool, extra: dict | None = None):
+    """Save the trained model (LoRA merged when asked) + processor atomically; main process only."""
+    from .models import is_peft_model, merge_adapter, save_model
+
+    model = trainer.model
+    if hasattr(trainer, "accelerator"):
+        model = trainer.accelerator.unwrap_model(model)
+        if not trainer.accelerator.is_main_process:
+            return model_dir
+    if is_peft_model(model) and merge_lora:
+        model = merge_adapter(model)
+    model.config.use_cache = True
+    return save_model(model, processor, model_dir, extra_files=extra)
+
+
+def plot_history(history: list[dict[str, Any]], keys: list[str], title: str):
+    """A matplotlib figure of logged values over steps (None when nothing to plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in h for h in history)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(len(present), 1, figsize=(6, 2.2 * len(present)), squeeze=False)
+    for ax, key in zip(axes[:, 0], present, strict=True):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

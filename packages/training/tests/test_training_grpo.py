@@ -1,0 +1,169 @@
+"""GRPO stage: core rewards wired into TRL, per-step logging, resume, clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from facial_r1_core.cli import main as cli_main
+from facial_r1_core.config import from_section
+from facial_r1_training import models
+from facial_r1_training.configs import GRPOStageConfig
+from facial_r1_training.grpo import reward_funcs
+from facial_r1_training.testing import toy_completion, write_profile, write_toy_dataset
+
+FAST = [
+    "--set",
+    "grpo.per_device_train_batch_size=4",
+    "--set",
+    "grpo.num_generations=2",
+    "--set",
+    "grpo.max_completion_length=24",
+    "--set",
+    "grpo.logging_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    models.build_tiny(root / "tiny")
+    path = write_toy_dataset(root / "data", 8, split="train")
+    # one record without any annotation: GRPO has nothing to reward it with
+    lines = path.read_text().splitlines()
+    bare = json.loads(lines[0])
+    bare.update(AUs=[], labels=[], image=bare["image"])
+    lines[0] = json.dumps(bare)
+    path.write_text("\n".join(lines) + "\n")
+    profile = write_profile(
+        root / "profile.yaml",
+        {
+            "profile": {"name": "test-grpo"},
+            "run": {"seed": 0, "torch_threads": 1},
+            "mlflow": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "experiment": "grpo-tests",
+                "artifact_root": str(root / "art"),
+            },
+            "model": {"path": "tiny"},
+            "sft": {"output_dir": "runs/sft"},
+            "grpo": {
+                "train_file": ["data/Toy_train.jsonl"],
+                "output_dir": "runs/grpo",
+                "max_steps": 2,
+                "save_steps": 1,
+                "learning_rate": 1e-3,
+            },
+        },
+    )
+    return root, profile
+
+
+@pytest.fixture
+def env(home, monkeypatch):
+    root, _ = home
+    monkeypatch.setenv("FACIAL_R1_HOME", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return root
+
+
+def test_reward_functions_named_and_weighted():
+    funcs = reward_funcs("paper")
+    assert [f.__name__ for f in funcs] == ["au", "accuracy", "format"]
+    good = [[{"role": "assistant", "content": toy_completion(["AU6", "AU12"], "happiness")}]]
+    bad = [[{"role": "assistant", "content": "<answer>anger or fear</answer>"}]]
+    cols = {"AUs": [["AU6", "AU12"]], "labels": [["happiness"]]}
+    assert [f(good, **cols)[0] for f in funcs] == [1.0, 1.0, 1.0]
+    assert [f(bad, **cols)[0] for f in funcs] == [0.0, 0.0, 0.0]
+    ref = reward_funcs("reference")
+    assert ref[0](bad, **cols) == [-1.0]
+    cfg = from_section(GRPOStageConfig, {"reward_weights": {"format": 0.5}}, name="grpo")
+    assert cfg.weights() == [1.0, 1.0, 0.5]
+
+
+def test_grpo_runs_logs_and_resumes(home, env, tmp_path):
+    root, profile = home
+    first = tmp_path / "g1.json"
+    code = cli_main(
+        [
+            "grpo",
+            "--config",
+            str(profile),
+            *FAST,
+            "--base-model",
+            "tiny",
+            "--set",
+            "grpo.reward_weights={au: 2.0}",
+            "--result",
+            str(first),
+        ]
+    )
+    assert code == 0
+    data = json.loads(first.read_text())
+    m = data["metrics"]
+    assert m["global_step"] == 2 and m["resumed_from_step"] == 0
+    assert m["data_rejected_no_labels"] == 1 and m["data_kept"] == 7
+    for key in (
+        "mean_reward_au",
+        "mean_reward_accuracy",
+        "mean_reward_format",
+        "mean_kl",
+        "mean_completion_length",
+        "mean_zero_variance_groups",
+        "s_per_step",
+    ):
+        assert key in m, key
+    assert 0.0 <= m["mean_zero_variance_groups"] <= 1.0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(data["mlflow_run_id"])
+    for key in ("rewards/au/mean", "kl", "completions/mean_length", "zero_variance_groups"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [h.step for h in history] == [1, 2], key
+    assert run.data.params["reward_weights.au"] == "2.0"
+    saved = json.loads((root / "runs/grpo/model/facial_r1_training.json").read_text())
+    assert saved["reward_weights"] == {"au": 2.0, "accuracy": 1.0, "format": 1.0}
+
+    second = tmp_path / "g2.json"
+    code = cli_main(
+        [
+            "grpo",
+            "--config",
+            str(profile),
+            *FAST,
+            "--base-model",
+            "tiny",
+            "--max-steps",
+            "3",
+            "--result",
+            str(second),
+        ]
+    )
+    assert code == 0
+    m2 = json.loads(second.read_text())["metrics"]
+    assert m2["resumed_from_step"] == 2 and m2["global_step"] == 3
+
+
+def test_grpo_needs_the_sft_model(home, env, tmp_path, capsys):
+    _, profile = home
+    result = tmp_path / "r.json"
+    code = cli_main(["grpo", "--config", str(profile), "--result", str(result)])
+    assert code == 1
+    assert "run `facial-r1 sft` first" in capsys.readouterr().err
+    assert not result.exists()
+
+
+def test_bad_reward_variant_is_a_usage_error(home, env, tmp_path):
+    _, profile = home
+    code = cli_main(
+        [
+            "grpo",
+            "--config",
+            str(profile),
+            "--set",
+            "grpo.reward_variant=fancy",
+            "--result",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert code == 2

@@ -1,0 +1,61 @@
+"""Orchestrator test set-up: a throw-away AIRFLOW_HOME (SQLite) before Airflow is imported."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_HOME = Path(tempfile.mkdtemp(prefix="fr1-airflow-test-"))
+os.environ["AIRFLOW_HOME"] = str(_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("FACIAL_R1_HOME", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """``airflow db migrate`` once per session (about 10 s)."""
+    airflow = Path(sys.executable).with_name("airflow")
+    env = {**os.environ, "PATH": f"{airflow.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(airflow), "db", "migrate"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return _HOME
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A minimal project folder (a git repo with configs/ copied from this repository)."""
+    return make_project(tmp_path)
+
+
+def make_project(tmp: Path, *, git: bool = True) -> Path:
+    project = tmp / "project"
+    (project / "configs").mkdir(parents=True)
+    for item in (REPO / "configs").iterdir():
+        if item.is_file():
+            shutil.copy(item, project / "configs" / item.name)
+        else:
+            shutil.copytree(item, project / "configs" / item.name)
+    (project / ".gitignore").write_text("/data/\n/runs/\n/.dvc-remote/\n")
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    return project
