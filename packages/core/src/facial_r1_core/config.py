@@ -11,6 +11,7 @@ unknown keys so a typo never passes silently.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -200,3 +201,43 @@ def _coerce(value: Any, hint: Any) -> Any:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass config as a plain dict (for logging as MLflow params)."""
     return dataclasses.asdict(obj)
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the stage contract's common flags (``--config --set --result --parent-run-id
+    --run-name``) to a stage's parser; returns the group so a stage can add its own.
+
+    >>> p = argparse.ArgumentParser()
+    >>> _ = add_stage_arguments(p)
+    >>> p.parse_args(["--set", "sft.max_steps=2", "--result", "r.json"]).overrides
+    ['sft.max_steps=2']
+    """
+    group = parser.add_argument_group("stage options (common to every stage)")
+    group.add_argument(
+        "--config",
+        metavar="PROFILE.yaml",
+        default=None,
+        help="profile YAML (default: $FACIAL_R1_CONFIG or configs/tiny-cpu.yaml)",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="SECTION.KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a profile key, YAML-typed (repeatable), e.g. --set sft.max_steps=20",
+    )
+    group.add_argument(
+        "--result",
+        metavar="PATH",
+        default=None,
+        help="write the stage result JSON here (atomically, only on success)",
+    )
+    group.add_argument(
+        "--parent-run-id",
+        metavar="RUN_ID",
+        default=None,
+        help="MLflow run id to nest this stage's run under",
+    )
+    group.add_argument("--run-name", default=None, help="MLflow run name (default: the stage)")
+    return group

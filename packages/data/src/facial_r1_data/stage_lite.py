@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.config import ConfigError, config_hash, from_section, load_profile
+from facial_r1_core.config import add_stage_arguments as core_stage_arguments
 from facial_r1_core.schema import atomic_write
 from facial_r1_core.tracking import project_home
 
@@ -33,35 +34,8 @@ DEFAULT_PROFILE = "configs/tiny-cpu.yaml"
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
-    """The common stage flags."""
-    group = parser.add_argument_group("stage options (common to every stage)")
-    group.add_argument(
-        "--config",
-        metavar="PROFILE.yaml",
-        default=None,
-        help="profile YAML (default: $FACIAL_R1_CONFIG or configs/tiny-cpu.yaml)",
-    )
-    group.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="SECTION.KEY=VALUE",
-        action="append",
-        default=[],
-        help="override a profile key, YAML-typed (repeatable)",
-    )
-    group.add_argument(
-        "--result",
-        metavar="PATH",
-        default=None,
-        help="write the stage result JSON here (atomically, only on success)",
-    )
-    group.add_argument(
-        "--parent-run-id",
-        metavar="RUN_ID",
-        default=None,
-        help="MLflow run id to nest this stage's run under",
-    )
-    group.add_argument("--run-name", default=None, help="MLflow run name (default: the stage)")
+    """The common stage flags (from core) plus ``--no-mlflow``."""
+    group = core_stage_arguments(parser)
     group.add_argument(
         "--no-mlflow",
         action="store_true",

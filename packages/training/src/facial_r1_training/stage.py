@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.config import ConfigError, config_hash, from_section, load_profile
+from facial_r1_core.config import add_stage_arguments as core_stage_arguments
 from facial_r1_core.schema import atomic_write
 from facial_r1_core.tracking import project_home
 
@@ -73,34 +74,7 @@ def default_config_path() -> str:
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--config --set --result --parent-run-id --run-name`` to a stage's parser."""
-    group = parser.add_argument_group("stage options (common to every stage)")
-    group.add_argument(
-        "--config",
-        metavar="PROFILE.yaml",
-        default=None,
-        help="profile YAML (default: $FACIAL_R1_CONFIG or configs/tiny-cpu.yaml)",
-    )
-    group.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="SECTION.KEY=VALUE",
-        action="append",
-        default=[],
-        help="override a profile key, YAML-typed (repeatable), e.g. --set sft.max_steps=20",
-    )
-    group.add_argument(
-        "--result",
-        metavar="PATH",
-        default=None,
-        help="write the stage result JSON here (atomically, only on success)",
-    )
-    group.add_argument(
-        "--parent-run-id",
-        metavar="RUN_ID",
-        default=None,
-        help="MLflow run id to nest this stage's run under",
-    )
-    group.add_argument("--run-name", default=None, help="MLflow run name (default: the stage)")
+    core_stage_arguments(parser)
     return parser
 
 
