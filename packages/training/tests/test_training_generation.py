@@ -96,44 +96,150 @@ def test_vllm_missing_is_a_clear_error(monkeypatch, tmp_path):
         create_backend("onnx", tmp_path)
 
 
-def test_segmented_generation_drops_finished_rows_same_output(backend):
-    # Make a few frequent tokens count as end-of-sequence so that rows finish at different
-    # steps; segmented generation (finished rows leave the batch) must match one generate call.
-    saved = (backend.eos_token_ids, backend.segment_tokens, backend.max_new_tokens)
+def _generate_reference(backend, reqs):
+    """The oracle: one ``model.generate`` call (greedy) on the same encoded batch."""
+    inputs = backend._encode(reqs)
+    with torch.inference_mode():
+        out = backend.model.generate(
+            **inputs,
+            max_new_tokens=backend.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_k=None,
+            top_p=None,
+            pad_token_id=backend.tokenizer.pad_token_id,
+            eos_token_id=backend.eos_token_ids,
+        )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [backend.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+
+def test_stepwise_decoding_equals_generate_while_rows_leave(backend):
+    # Declare tokens the model emits early in two rows as end-of-sequence, so that rows finish
+    # at different steps and leave the batch; the outputs must still be model.generate's.
+    saved = (backend.eos_token_ids, backend.max_new_tokens)
     tok = backend.tokenizer
-    stops = [tok.convert_tokens_to_ids(t) for t in ("e", "a", "s")]
+    backend.max_new_tokens = 16
     try:
+        free_run = [tok(t).input_ids for t in backend.generate(requests())]
+        stops = {free_run[0][2], free_run[2][6]}
         backend.eos_token_ids = sorted({*saved[0], *stops})
-        backend.max_new_tokens = 16
-        backend.segment_tokens = 0
-        whole = backend.generate(requests())
-        backend.segment_tokens = 3
-        segmented = backend.generate(requests())
+        work_before = backend.row_steps
+        ours = backend.generate(requests())
+        work = backend.row_steps - work_before
+        reference = _generate_reference(backend, requests())
         torch.manual_seed(3)
         sampled = backend.generate(requests((0.0, 1.0, 0.0, 1.0)))
     finally:
-        backend.eos_token_ids, backend.segment_tokens, backend.max_new_tokens = saved
-    assert segmented == whole
-    lengths = sorted(len(tok(t).input_ids) for t in whole)
-    assert lengths[0] < lengths[-1]  # rows really finished at different steps
-    assert sampled[0] == whole[0] and sampled[2] == whole[2]
+        backend.eos_token_ids, backend.max_new_tokens = saved
+    assert ours == reference
+    assert len({len(t) for t in ours}) > 1  # rows really finished at different steps
+    assert work < 4 * 16  # finished rows stopped costing decode steps
+    assert sampled[0] == ours[0] and sampled[2] == ours[2]
 
 
-def test_row_sampler_draws_from_tempered_softmax():
-    from facial_r1_training.generation import _RowSampler
+def test_waiting_requests_join_the_running_batch(backend):
+    # Rows end at different steps (stop tokens taken from a free run); with 4 slots and 12
+    # requests of very different prompt lengths, waiting prompts join the running batch when
+    # half the rows have left. Every output must still equal generating that request alone.
+    long_prompt = requests()[1].prompt
+    reqs = [
+        GenerationRequest(
+            prompt=long_prompt[: 40 * i] if i % 2 else f"face {i}",
+            image=Image.new("RGB", (56, 56), (19 * i, 40, 200)),
+        )
+        for i in range(12)
+    ]
+    saved = (backend.eos_token_ids, backend.max_new_tokens, backend.batch_size)
+    tok = backend.tokenizer
+    backend.max_new_tokens = 12
+    assert "decode" not in vars(tok)
+    try:
+        generated: list[list[int]] = []  # the ids each row really generated
+        decode = tok.decode
+        tok.decode = lambda ids, **kw: generated.append(ids.tolist()) or decode(ids, **kw)
+        try:
+            for r in reqs:
+                backend.generate([r])
+        finally:
+            del tok.decode
+        stops = {ids[1 + i % 7] for i, ids in enumerate(generated)}  # row i ends by step 1 + i % 7
+        backend.eos_token_ids = sorted({*saved[0], *stops})
+        backend.batch_size = 4
+        joins = backend.joins
+        ours = backend.generate(reqs)
+        joins = backend.joins - joins
+        alone = [backend.generate([r])[0] for r in reqs]
+    finally:
+        backend.eos_token_ids, backend.max_new_tokens, backend.batch_size = saved
+    assert ours == alone
+    assert joins >= 3
+    assert len({len(t) for t in ours}) > 3
+
+
+def test_full_length_rows_equal_generate(backend):
+    assert backend.generate(requests()) == _generate_reference(backend, requests())
+
+
+def test_pick_tokens_draws_from_tempered_softmax():
+    from facial_r1_training.generation import pick_tokens
 
     torch.manual_seed(0)
     n = 30000
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).repeat(n, 1)
     temps = torch.tensor([1.0] * (n - 2) + [0.0, 2.0])
-    out = _RowSampler(temps)(None, logits)
-    assert torch.isfinite(out).sum(dim=1).eq(1).all()  # exactly one token left per row
-    picks = out.argmax(dim=1)
+    picks = pick_tokens(logits, temps)
     freq = torch.bincount(picks[: n - 2], minlength=3).float() / (n - 2)
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015)
     assert picks[n - 2] == 0  # temperature 0: greedy
-    hot = _RowSampler(torch.full((n,), 2.0))(None, logits).argmax(dim=1)
+    hot = pick_tokens(logits, torch.full((n,), 2.0))
     expected = torch.softmax(logits[0] / 2.0, dim=0)
     assert torch.allclose(torch.bincount(hot, minlength=3).float() / n, expected, atol=0.015)
-    top1 = _RowSampler(torch.full((100,), 5.0), top_k=1)(None, logits[:100]).argmax(dim=1)
+    top1 = pick_tokens(logits[:100], torch.full((100,), 5.0), top_k=1)
     assert top1.eq(0).all()
+    top2 = pick_tokens(logits, torch.ones(n), top_k=2)
+    assert torch.allclose(
+        torch.bincount(top2, minlength=3).float() / n,
+        torch.tensor([0.7, 0.2, 0.0]) / 0.9,
+        atol=0.015,
+    )
+    assert pick_tokens(logits[:5], torch.zeros(5)).eq(0).all()
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_chat_text_splices_prompt_exactly_as_the_template_renders(backend, with_image):
+    from facial_r1_training.generation import chat_text, user_messages
+
+    processor = backend.processor
+    for prompt in ("", "x", "{{ not jinja }}", synthesis_prompt("q", ["fear"], ["AU1"], "fear")):
+        expected = processor.apply_chat_template(
+            user_messages(prompt, with_image), tokenize=False, add_generation_prompt=True
+        )
+        assert chat_text(processor, prompt, with_image) == expected
+
+
+def test_encoding_with_cached_images_equals_the_processor(backend):
+    from facial_r1_training.generation import chat_text
+
+    processor = backend.processor
+    reqs = requests()
+    reqs.append(GenerationRequest(prompt="again", image=reqs[0].image))  # one image twice
+    expected = processor(
+        text=[chat_text(processor, r.prompt) for r in reqs],
+        images=[r.image for r in reqs],
+        padding=True,
+        return_tensors="pt",
+    )
+    backend._vision.clear()
+    for _ in range(2):  # the second pass takes every image from the cache
+        ours = backend._encode(reqs)
+        assert sorted(ours.keys()) == sorted(expected.keys())
+        for key in expected:
+            assert torch.equal(ours[key], expected[key]), key
+    assert len(backend._vision) == 4
+    backend._vision_capacity = 2
+    try:
+        backend._encode(requests())
+        assert len(backend._vision) == 2
+    finally:
+        backend._vision_capacity = 4 * backend.batch_size

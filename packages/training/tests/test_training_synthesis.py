@@ -10,6 +10,7 @@ import pytest
 from facial_r1_core.schema import Record
 from facial_r1_training.generation import GenerationRequest, ScriptedBackend
 from facial_r1_training.synthesis import (
+    ROUND_BATCHES,
     Journal,
     SynthesisConfig,
     SynthesisInterruptedError,
@@ -73,18 +74,23 @@ def test_retry_with_error_block_then_accept(tmp_path):
     inp = make_dataset(tmp_path / "data", 10)
     backend = ScriptedBackend(wrong_first, batch_size=4)
     summary, out = run(
-        cfg_for(tmp_path, inp, max_retries=2), backend, emotions=EMOS, progress=False
+        cfg_for(tmp_path, inp, max_retries=2, round_size=4), backend, emotions=EMOS, progress=False
     )
     assert (summary.read, summary.accepted, summary.rejected) == (10, 10, 0)
     accepted = read_jsonl(Path(out["accepted"]))
     assert len(accepted) == 10 and len({r["id"] for r in accepted}) == 10
     assert all(r["meta_info"]["synthesis"]["attempts"] == 2 for r in accepted)
     assert all(r["description"].startswith("<think>") for r in accepted)
-    # 20 generations in full micro-batches of 4 (retries ride along with new samples); only the
-    # tail (the last two samples' first try and retry) runs in a smaller batch
+    # 20 generations in full rounds of 4 (retries ride along with new samples); only the tail
+    # (the last two samples' first try and retry) runs in a smaller round
     assert summary.generated == sum(backend.batch_sizes) == 20
     assert backend.batch_sizes == [4, 4, 4, 4, 2, 2]
     assert read_jsonl(Path(out["rejected"])) == []
+    # by default a round holds ROUND_BATCHES x batch_size samples: here every first try, then
+    # every retry
+    again = ScriptedBackend(wrong_first, batch_size=4)
+    run(cfg_for(tmp_path / "b", inp, max_retries=2), again, emotions=EMOS, progress=False)
+    assert ROUND_BATCHES * again.batch_size >= 10 and again.batch_sizes == [10, 10]
 
 
 def test_retry_prompt_carries_previous_response_and_reasons(tmp_path):
@@ -159,7 +165,7 @@ def test_bad_input_rejected_with_reason_never_crashes(tmp_path):
 
 def test_resume_after_interruption_no_duplicates(tmp_path):
     inp = make_dataset(tmp_path / "data", 12)
-    cfg = cfg_for(tmp_path, inp, max_retries=2)
+    cfg = cfg_for(tmp_path, inp, max_retries=2, round_size=4)
     first = ScriptedBackend(wrong_first, batch_size=4)
     with pytest.raises(SynthesisInterruptedError):
         run(cfg, first, emotions=EMOS, stop_after=5, progress=False)

@@ -139,20 +139,16 @@ def tokenizer_corpus(extra_texts: Iterable[str] = ()) -> Iterator[str]:
     from facial_r1_core import prompts, vocab
 
     emotions = list(vocab.EMOTIONS)
+    for _ in range(24):  # the chat frame around every prompt, between its special tokens
+        yield f"system\n{DEFAULT_SYSTEM}"
+        yield "user\n"
+        yield "assistant\n"
     for _ in range(4):
         yield prompts.sft_prompt(prompts.DEFAULT_QUESTION, vocab.BASIC_EMOTIONS)
         yield prompts.sft_prompt(prompts.DEFAULT_QUESTION, emotions)
     for emotion, aus in _PROTOTYPES.items():
-        listed = ", ".join(aus)
         yield prompts.ground_truth_block(list(aus), emotion)
-        yield prompts.synthesis_prompt(
-            prompts.DEFAULT_QUESTION,
-            emotions,
-            list(aus),
-            emotion,
-            prev_response=f"<think>{listed}</think>\n<answer>{emotion}</answer>",
-            errors=[f"missing AUs: {listed}", f"wrong emotion: expected {emotion}"],
-        )
+        yield from _retry_prompts(emotion, list(aus), emotions)
         for rotate in range(max(1, len(aus))):
             order = aus[rotate:] + aus[:rotate]
             features = ", ".join(f"{vocab.au_phrase(a)} ({a})" for a in order)
@@ -171,6 +167,36 @@ def tokenizer_corpus(extra_texts: Iterable[str] = ()) -> Iterator[str]:
             yield f"<answer>{emotion}</answer> {emotion}, "
     yield from _teacher_texts()
     yield from extra_texts
+
+
+def _retry_prompts(emotion: str, aus: list[str], emotions: list[str]) -> Iterator[str]:
+    """Synthesis retry prompts whose error blocks hold the filter's real reasons, repeated so
+    that BPE merges the error block's fixed wording as it merges the main prompt (a retry
+    prompt then costs a few dozen tokens more than a first attempt, not a hundred and fifty)."""
+    from facial_r1_core import prompts
+    from facial_r1_core.filter import check
+
+    wrong_emotion = next(e for e in emotions if e != emotion)
+    extra = "AU26" if "AU26" not in aus else "AU14"
+    attempts = [
+        (aus[1:] or [extra], emotion),
+        ([*aus, extra], emotion),
+        (aus, wrong_emotion),
+        ([extra], wrong_emotion),
+    ]
+    for guess_aus, guess in attempts:
+        features = ", ".join(f"({a})" for a in guess_aus)
+        previous = f"<think>The face shows {features}.</think>\n<answer>{guess}</answer>"
+        reasons = check(previous, aus, [emotion]).reasons
+        for _ in range(3):
+            yield prompts.synthesis_prompt(
+                prompts.DEFAULT_QUESTION,
+                emotions,
+                aus,
+                emotion,
+                prev_response=previous,
+                errors=reasons,
+            )
 
 
 def _teacher_texts(n: int = 400) -> Iterator[str]:
@@ -193,19 +219,32 @@ def _teacher_texts(n: int = 400) -> Iterator[str]:
     yield from getattr(teacher_template, "corpus", list)()
 
 
+# Where a per-sample block (ground truth, previous-response issues) starts after the prompt.
+_BLOCK_STARTS = r"\n### (?:Ground Truth|Previous Response)"
+
+
 def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 2000):
     """Train a byte-level BPE on ``texts`` (default: :func:`tokenizer_corpus`), Qwen specials first.
 
     Merges may cross word boundaries (no pre-tokenizer regex), so the constant prompt and common
-    AU phrases become a handful of tokens. Returns a ``PreTrainedTokenizerFast`` with left
+    AU phrases become a handful of tokens; text is only split where a ground-truth or error block
+    begins. Returns a ``PreTrainedTokenizerFast`` with left
     padding and our chat template.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = list(texts if texts is not None else tokenizer_corpus())
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # The constant prompt ends where the per-sample blocks begin: splitting there lets the
+    # prompt match its single vocabulary entry directly (ignore_merges), which halves the cost
+    # of tokenising a request, at one token more per prompt.
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_BLOCK_STARTS), behavior="merged_with_next"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

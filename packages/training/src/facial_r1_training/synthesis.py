@@ -6,12 +6,13 @@ For every input record the prompt is the inference prompt plus the ground-truth 
 block (the previous response and its issues), up to ``max_retries`` retries, at a temperature
 that may rise per retry.
 
-Scheduling is batched: a pool of at most ``batch_size`` unfinished samples (new records and
-retries alike) is generated in one backend call, so retries never serialise the work and every
-micro-batch is full until the input runs dry.
+Scheduling is batched: each round hands the backend up to ``round_size`` unfinished samples
+(new records and retries alike; by default ``ROUND_BATCHES`` x ``batch_size``), which it decodes
+``batch_size`` rows at a time with continuous batching. Retries never serialise the work, and
+batches stay full until the input runs dry.
 
 Every finished sample (accepted, rejected after its last retry, or bad input) is appended to a
-journal (JSONL, flushed and fsync'd per micro-batch) before anything else happens to it. A run
+journal (JSONL, flushed and fsync'd per round) before anything else happens to it. A run
 that is killed restarts from the journal: finished samples are skipped, unfinished ones start
 over, nothing is duplicated. The accepted and rejected files are written atomically from the
 journal at the end, and ``read == accepted + rejected`` is checked.
@@ -35,6 +36,10 @@ from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
 from .generation import GenerationBackend, GenerationRequest, load_image
 
 JOURNAL_KIND = "facial-r1 synthesis journal"
+# A round hands the backend this many batches' worth of samples: a continuously batching backend
+# (transformers here, vLLM on GPU) keeps its batch full from them, so only the round's last
+# rows decode in a thinning batch.
+ROUND_BATCHES = 4
 log = logging.getLogger("facial_r1.synthesis")
 
 
@@ -49,6 +54,7 @@ class SynthesisConfig:
     work_dir: str = "runs/synthesis"
     backend: str = "transformers"
     batch_size: int = 32
+    round_size: int = 0  # samples per generate call; 0 = ROUND_BATCHES x batch_size
     max_retries: int = 5
     temperature: float = 0.7
     temperature_step: float = 0.0
@@ -311,7 +317,8 @@ def synthesize(
 
     while True:
         bad: list[dict[str, Any]] = []
-        while not exhausted and len(pool) < backend.batch_size:
+        round_size = cfg.round_size or ROUND_BATCHES * backend.batch_size
+        while not exhausted and len(pool) < round_size:
             result = next(source, None)
             if result is None:
                 exhausted = True
@@ -329,7 +336,7 @@ def synthesize(
         record_finished(bad)
         if not pool:
             break
-        batch = [pool.popleft() for _ in range(min(backend.batch_size, len(pool)))]
+        batch = [pool.popleft() for _ in range(min(round_size, len(pool)))]
         requests = [
             GenerationRequest(
                 prompt=synthesis_prompt(
