@@ -205,7 +205,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the stage contract's common flags (``--config --set --result --parent-run-id
-    --run-name``) to a stage's parser; returns the group so a stage can add its own.
+    --run-name --no-mlflow``) to a stage's parser; returns the group so a stage can add its own.
 
     >>> p = argparse.ArgumentParser()
     >>> _ = add_stage_arguments(p)
@@ -240,4 +240,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         help="MLflow run id to nest this stage's run under",
     )
     group.add_argument("--run-name", default=None, help="MLflow run name (default: the stage)")
+    group.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not log to MLflow (the result JSON is still written)",
+    )
     return group

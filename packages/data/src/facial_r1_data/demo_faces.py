@@ -471,7 +471,7 @@ def contact_sheet(
 
 
 def add_parser(subparsers) -> None:
-    from .stage_lite import add_stage_arguments
+    from facial_r1_core.stage import add_stage_arguments
 
     p = subparsers.add_parser(
         "demo-faces",
@@ -515,7 +515,7 @@ def add_parser(subparsers) -> None:
 
 
 def _handler(args) -> int:
-    from .stage_lite import flag_overrides, run_stage
+    from facial_r1_core.stage import flag_overrides, run_stage
 
     flags = {
         "out_root": args.out_root,
@@ -528,10 +528,9 @@ def _handler(args) -> int:
         "contact_sheet": args.contact_sheet,
     }
 
-    def body(cfg: DemoFacesConfig, profile, tracker):
-        from .stage_lite import resolve_path
-
-        root = resolve_path(cfg.out_root)
+    def body(ctx):
+        cfg: DemoFacesConfig = ctx.config
+        root = ctx.path(cfg.out_root)
         report = generate(cfg, root, progress=not args.no_progress)
         outputs: dict[str, Any] = {
             "root": root,
@@ -551,12 +550,12 @@ def _handler(args) -> int:
             sheet = contact_sheet(
                 report.records.get("test") or report.records.get("train", []),
                 root,
-                resolve_path(sheet_path),
+                ctx.path(sheet_path),
                 per_emotion=cfg.contact_per_emotion,
             )
             outputs["contact_sheet"] = sheet
-            tracker.artifact(sheet, "demo_faces")
-        elif tracker.run_id:
+            ctx.log_artifact(sheet, "demo_faces")
+        elif ctx.mlflow_run_id:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
@@ -566,7 +565,7 @@ def _handler(args) -> int:
                     Path(tmp) / "contact_sheet.png",
                     per_emotion=cfg.contact_per_emotion,
                 )
-                tracker.artifact(sheet, "demo_faces")
+                ctx.log_artifact(sheet, "demo_faces")
         log.info(
             "wrote %s faces in %.1f s (%.0f faces/s) under %s",
             sum(report.counts.values()),

@@ -320,7 +320,7 @@ def build_seed(
 
 
 def add_parser(subparsers) -> None:
-    from .stage_lite import add_stage_arguments
+    from facial_r1_core.stage import add_stage_arguments
 
     p = subparsers.add_parser(
         "seed-sft",
@@ -345,7 +345,7 @@ def add_parser(subparsers) -> None:
 
 
 def _handler(args) -> int:
-    from .stage_lite import flag_overrides, resolve_path, run_stage
+    from facial_r1_core.stage import flag_overrides, run_stage
 
     flags = {
         "input": args.input,
@@ -355,22 +355,23 @@ def _handler(args) -> int:
         "seed": args.seed,
     }
 
-    def body(cfg: SeedConfig, profile, tracker):
+    def body(ctx):
+        cfg: SeedConfig = ctx.config
         report = build_seed(
             cfg,
-            resolve_path(cfg.input),
-            output=resolve_path(cfg.output) if cfg.output else None,
-            rejected=resolve_path(cfg.rejected) if cfg.rejected else None,
+            ctx.path(cfg.input),
+            output=ctx.path(cfg.output) if cfg.output else None,
+            rejected=ctx.path(cfg.rejected) if cfg.rejected else None,
             progress=not args.no_progress,
         )
         outputs = {"seed_jsonl": report.output, "rejected_jsonl": report.rejected_path}
-        if tracker.run_id and report.output and report.output.stat().st_size:
+        if ctx.mlflow_run_id and report.output and report.output.stat().st_size:
             with open(report.output, encoding="utf-8") as handle:
                 sample = [
                     json.loads(line)["description"]
                     for _, line in zip(range(20), handle, strict=False)
                 ]
-            tracker.text("\n\n".join(sample), "seed_sft/sample_completions.txt")
+            ctx.log_text("\n\n".join(sample), "seed_sft/sample_completions.txt")
         log.info(
             "seed data: %d selected, %d accepted, %d rejected -> %s",
             report.selected,
