@@ -468,17 +468,9 @@ def run_stage(
 
 def _slim(result: Mapping[str, Any]) -> dict[str, Any]:
     """What goes into XCom: the contract keys (metrics trimmed to scalars)."""
-    keep = (
-        "stage",
-        "status",
-        "outputs",
-        "metrics",
-        "mlflow_run_id",
-        "wall_time_s",
-        "config_hash",
-        "runner_wall_time_s",
-        "cached",
-    )
+    from facial_r1_core.stage import RESULT_KEYS
+
+    keep = (*RESULT_KEYS, "runner_wall_time_s", "cached")
     return {k: result[k] for k in keep if k in result}
 
 

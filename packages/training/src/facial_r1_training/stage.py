@@ -1,19 +1,9 @@
 """The stage contract for the training stages: core's plumbing plus torch threads and seeding.
 
 Everything about profiles, MLflow runs and result JSON lives in :mod:`facial_r1_core.stage`
-(the data verbs use it too); this module adds the torch part of the setup hook::
-
-    def handler(args) -> int:
-        return run_stage(args, stage="sft", section="sft", config_cls=SFTStageConfig, body=train)
-
-    def train(ctx: StageContext) -> tuple[dict, dict]:
-        cfg = ctx.config                      # the typed section (unknown keys already rejected)
-        out = ctx.path(cfg.output_dir)        # relative paths resolve against the project home
-        ctx.log_metrics({"loss": 0.1}, step=1)
-        return {"model": str(out)}, {"train_loss": 0.1}
-
-Only the standard library and core are imported at module level (torch when a stage starts), so
-command registration stays fast.
+(the data verbs use it too; its docstring shows a stage body); this module adds the torch part
+of the setup hook, so ``run_stage``/``stage_context`` here are core's with ``torch_setup``.
+Only the standard library and core are imported at module level (torch when a stage starts).
 """
 
 from __future__ import annotations
