@@ -163,6 +163,96 @@ def test_plain_loss_equals_the_model_loss(home, tmp_path):
     assert 0.0 <= trainer._metrics["train"]["mean_token_accuracy"][0] <= 1.0
 
 
+def test_cached_collator_equals_the_processor(home, tmp_path):
+    """Image paths: pixel values and prompt ids are cached, the batches stay the processor's."""
+    import random
+
+    import torch
+
+    root, _ = home
+    small = write_toy_dataset(tmp_path, 6)
+    big = write_toy_dataset(tmp_path, 4, dataset="Big", size=112)  # resized by the processor
+    items, _ = load_records([small, big], require_description=True, progress=False)
+    rows = sft_rows(items, ["anger", "fear"])
+    by_path = to_dataset(rows, "images", decode=False)
+    decoded = to_dataset(rows, "images")
+    assert isinstance(by_path[0]["images"][0], str)
+    _, processor = models.load_model_and_processor(root / "tiny")
+    cached = SFTCollator(processor, hint_fraction=0.5, seed=3)
+    reference = SFTCollator(processor, hint_fraction=0.5, seed=3)  # PIL: the processor each time
+    order = list(range(len(rows)))
+    for epoch in range(3):
+        random.Random(epoch).shuffle(order)
+        for chunk in (order[:5], order[5:]):
+            ours = cached([by_path[i] for i in chunk])
+            ref = reference([decoded[i] for i in chunk])
+            assert ours.keys() == ref.keys()
+            for key in ref:
+                assert torch.equal(ours[key], ref[key]), (epoch, key)
+    assert cached._fast is True
+    assert len(cached._pixels) == len(rows)  # each image processed once
+    assert cached.cache_hits > 0 and cached.cache_misses >= len(rows)
+    assert cached.hinted == reference.hinted and cached.seen == reference.seen == 30
+    grids = {tuple(map(tuple, v["image_grid_thw"].tolist())) for v in cached._pixels.values()}
+    unhinted = {k for k in cached._prompt_ids if "### Ground Truth" not in k[0]}
+    assert len(unhinted) == len(grids)  # the shared prompt, tokenized once per image grid
+
+    class Skewed(SFTCollator):  # a split text step that disagrees with the processor
+        def _text_part(self, prompt, pixels):
+            ids, mm = super()._text_part(prompt, pixels)
+            return ids[:-1], mm
+
+    skewed = Skewed(processor)
+    ours = skewed([by_path[i] for i in range(4)])
+    ref = SFTCollator(processor)([decoded[i] for i in range(4)])
+    assert skewed._fast is False and not skewed._pixels
+    for key in ref:
+        assert torch.equal(ours[key], ref[key]), key
+
+    tight = SFTCollator(processor, cache_bytes=1)  # over budget: processed again, still right
+    for _ in range(2):
+        ours = tight([by_path[i] for i in range(4)])
+    assert not tight._pixels and tight.cache_hits == 0
+    for key in ref:
+        assert torch.equal(ours[key], ref[key]), key
+
+
+def test_completion_only_head_gives_the_full_logits_gradients(home, tmp_path):
+    import collections
+
+    import torch
+    from facial_r1_training.sft import _backbone_and_head, plain_loss_trainer
+
+    root, _ = home
+    path = write_toy_dataset(tmp_path, 4)
+    items, _ = load_records([path], require_description=True, progress=False)
+    ds = to_dataset(sft_rows(items, ["anger", "fear"]), "images", decode=False)
+    model, processor = models.load_model_and_processor(root / "tiny", trainable=True)
+    assert _backbone_and_head(model) is not None  # the completion-only path is taken
+    batch = SFTCollator(processor, hint_fraction=0.5)([ds[i] for i in range(4)])
+    trainer_cls = plain_loss_trainer()
+    trainer = trainer_cls.__new__(trainer_cls)
+    trainer._metrics = {"train": collections.defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer.args = type("A", (), {"average_tokens_across_devices": False})()
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model(**batch)
+    full.loss.backward()
+    assert torch.allclose(loss, full.loss, atol=1e-6)
+    assert ours.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert torch.allclose(ours[name], param.grad, atol=1e-6), name
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    expected = (full.logits[:, :-1].argmax(-1)[mask] == labels[mask]).float().mean().item()
+    assert abs(trainer._metrics["train"]["mean_token_accuracy"][0] - expected) < 1e-6
+
+
 def test_sft_trains_saves_and_skips_bad_records(home, env, tmp_path):
     root, profile = home
     bad = write_bad_file(root / "data")

@@ -25,6 +25,7 @@ and passes ``AUs``/``labels`` to the reward functions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 from collections import Counter
@@ -34,6 +35,8 @@ from typing import Any
 
 from facial_r1_core.prompts import DEFAULT_QUESTION, sft_prompt, synthesis_prompt
 from facial_r1_core.schema import Record, iter_records_lenient
+
+log = logging.getLogger("facial_r1.data")
 
 REJECT_CODES = ("schema", "empty_description", "missing_image", "bad_image", "no_labels")
 
@@ -209,13 +212,20 @@ def grpo_rows(
     ]
 
 
-def to_dataset(rows: list[dict[str, Any]], image_column: str):
-    """A ``datasets.Dataset`` whose image column decodes lazily from the stored paths."""
+def to_dataset(rows: list[dict[str, Any]], image_column: str, *, decode: bool = True):
+    """A ``datasets.Dataset`` of ``rows``.
+
+    ``decode=True``: the image column decodes lazily from the stored paths (PIL images, as TRL's
+    GRPO trainer expects). ``decode=False`` keeps the paths as strings: :class:`SFTCollator` then
+    opens each image once and caches its pixel values, instead of decoding it at every epoch.
+    """
     from datasets import Dataset, Image, List
 
     if not rows:
         raise ValueError("no training examples left after validation")
     ds = Dataset.from_list(rows)
+    if not decode:
+        return ds
     feature = List(Image()) if isinstance(rows[0][image_column], list) else Image()
     return ds.cast_column(image_column, feature)
 
@@ -230,12 +240,26 @@ class SFTCollator:
     by rendering a sentinel. Rows are ``prompt ids + completion ids``, right-padded; ``labels``
     are -100 outside the completion. (Equivalent to TRL's prompt-completion collator, without
     its per-character prefix search, which dominated the tiny model's step time.)
+
+    Each example is processed on its own (the processor treats the examples of a batch
+    independently, so the batch is the same). When its images are given as paths (see
+    ``to_dataset(decode=False)``), the image step (pixel values, per image paths, within
+    ``cache_bytes``) and the text step (prompt ids with the image tokens expanded, per prompt
+    and image grid) are cached, so later epochs only concatenate tensors. The split steps are
+    checked once against a full processor call; if they differ, every example goes through the
+    processor. PIL images are processed every time.
     """
 
     _SENTINEL = "\x00COMPLETION\x00"
 
     def __init__(
-        self, processor, *, hint_fraction: float = 0.0, seed: int = 0, max_length: int | None = None
+        self,
+        processor,
+        *,
+        hint_fraction: float = 0.0,
+        seed: int = 0,
+        max_length: int | None = None,
+        cache_bytes: int = 1 << 30,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -244,7 +268,18 @@ class SFTCollator:
         self.rng = random.Random(seed)
         self.hinted = 0
         self.seen = 0
+        self.cache_bytes = int(cache_bytes)
+        self.cached_bytes = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._prompt_cache: dict[str, str] = {}
+        self._completion_ids: dict[str, list[int]] = {}
+        # (rendered prompt, image grids) -> (prompt ids, mm_token_type_ids or None)
+        self._prompt_ids: dict[tuple[str, tuple], tuple[list[int], list[int] | None]] = {}
+        # image paths -> {"pixel_values": ..., "image_grid_thw": ...}
+        self._pixels: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._fast: bool | None = None  # split image/text steps verified against the processor
+        self._with_mm = False
         self._between, self._suffix = self._completion_frame()
 
     def _messages(self, text: str) -> list[dict[str, Any]]:
@@ -274,10 +309,110 @@ class SFTCollator:
     def completion_text(self, content: str) -> str:
         return f"{self._between}{content}{self._suffix}"
 
+    def _completion(self, content: str) -> list[int]:
+        ids = self._completion_ids.get(content)
+        if ids is None:
+            text = self.completion_text(content)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._completion_ids[content] = ids
+        return ids
+
+    def _full(self, prompt: str, images: list) -> tuple[list[int], list[int] | None, dict]:
+        """One example through the processor: (prompt ids, mm token types or None, pixels)."""
+        pil = [_rgb(_open_image(i)) for i in images]
+        out = self.processor(
+            text=[prompt], images=pil or None, return_tensors="pt", add_special_tokens=False
+        )
+        keep = out["attention_mask"][0].bool()
+        prompt_ids = out["input_ids"][0][keep].tolist()
+        mm = out["mm_token_type_ids"][0][keep].tolist() if "mm_token_type_ids" in out else None
+        return prompt_ids, mm, {k: out[k] for k in ("pixel_values", "image_grid_thw") if k in out}
+
+    def _image_part(self, paths: tuple[str, ...]) -> dict:
+        """Pixel values + grid of an example's images (the processor's image step alone)."""
+        pil = [_rgb(_open_image(p)) for p in paths]
+        out = self.processor.image_processor(images=pil, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_grid_thw")}
+
+    def _text_part(self, prompt: str, pixels: dict) -> tuple[list[int], list[int] | None]:
+        """The prompt's ids with each image token expanded as the processor expands it."""
+        token = self.processor.image_token
+        parts = prompt.split(token)
+        if len(parts) - 1 != len(pixels["image_grid_thw"]):
+            raise ValueError(
+                f"the prompt has {len(parts) - 1} image tokens for "
+                f"{len(pixels['image_grid_thw'])} images"
+            )
+        text = parts[0] + "".join(
+            self.processor.replace_image_token(pixels, image_idx=i) + part
+            for i, part in enumerate(parts[1:])
+        )
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        mm = self.processor.create_mm_token_type_ids([ids])[0] if self._with_mm else None
+        return ids, mm
+
+    def _check_fast(self, prompt: str, paths: tuple[str, ...]) -> bool:
+        """Whether the split image/text steps give exactly the processor's output (checked once)."""
+        import torch
+
+        ids, mm, pixels = self._full(prompt, list(paths))
+        self._with_mm = mm is not None
+        try:
+            fast_pixels = self._image_part(paths)
+            fast_ids, fast_mm = self._text_part(prompt, fast_pixels)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("SFT collator: per-image caching off (%s: %s)", type(exc).__name__, exc)
+            return False
+        same = (
+            fast_ids == ids
+            and fast_mm == mm
+            and fast_pixels.keys() == pixels.keys()
+            and all(torch.equal(fast_pixels[k], pixels[k]) for k in pixels)
+        )
+        if not same:
+            log.warning("SFT collator: per-image caching off (differs from the processor's output)")
+        return same
+
+    def _process(self, prompt: str, images: list) -> tuple[list[int], list[int] | None, dict]:
+        """(prompt ids, mm token types or None, image tensors) of one example.
+
+        Images given as paths are cached: pixel values per paths, prompt ids per (prompt, image
+        grids), so the shared unhinted prompt is tokenized once per run.
+        """
+        if not images or not all(isinstance(i, str | os.PathLike) for i in images):
+            return self._full(prompt, images)
+        paths = tuple(str(i) for i in images)
+        if self._fast is None:
+            self._fast = self._check_fast(prompt, paths)
+        if not self._fast:
+            return self._full(prompt, images)
+        pixels = self._pixels.get(paths)
+        hit = pixels is not None
+        if pixels is None:
+            pixels = self._image_part(paths)
+            size = sum(t.numel() * t.element_size() for t in pixels.values())
+            if self.cached_bytes + size <= self.cache_bytes:
+                self._pixels[paths] = pixels
+                self.cached_bytes += size
+        key = (prompt, tuple(tuple(g) for g in pixels["image_grid_thw"].tolist()))
+        text = self._prompt_ids.get(key)
+        if text is None:
+            hit = False
+            text = self._text_part(prompt, pixels)
+            if len(self._prompt_ids) < 200_000:
+                self._prompt_ids[key] = text
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+        return text[0], text[1], pixels
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        prompts, completions, images = [], [], []
+        rows, labels, mm_rows = [], [], []
+        pixel_parts: dict[str, list] = {}
+        has_mm = True
         for example in examples:
             messages = example["prompt"]
             hint = example.get("hint_prompt")
@@ -285,38 +420,24 @@ class SFTCollator:
                 messages = hint
                 self.hinted += 1
             self.seen += 1
-            prompts.append(self._render_prompt(messages[0]["content"]))
-            completions.append(self.completion_text(example["completion"][0]["content"]))
-            imgs = example.get("images")
-            images.append([_rgb(i) for i in imgs] if imgs else [])
-        flat_images = [img for imgs in images for img in imgs] or None
-        batch = self.processor(
-            text=prompts,
-            images=flat_images,
-            padding=True,
-            return_tensors="pt",
-            add_special_tokens=False,
-        )
-        comp = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
-        pad = self.tokenizer.pad_token_id
-        rows, labels = [], []
-        mm_rows = []
-        has_mm = "mm_token_type_ids" in batch
-        for i, completion_ids in enumerate(comp):
-            keep = batch["attention_mask"][i].bool()
-            prompt_ids = batch["input_ids"][i][keep].tolist()
-            ids = prompt_ids + list(completion_ids)
-            lab = [-100] * len(prompt_ids) + list(completion_ids)
-            if has_mm:
-                mm = batch["mm_token_type_ids"][i][keep].tolist() + [0] * len(completion_ids)
+            prompt = self._render_prompt(messages[0]["content"])
+            prompt_ids, mm, pixels = self._process(prompt, list(example.get("images") or []))
+            for key, value in pixels.items():
+                pixel_parts.setdefault(key, []).append(value)
+            completion_ids = self._completion(example["completion"][0]["content"])
+            ids = prompt_ids + completion_ids
+            lab = [-100] * len(prompt_ids) + completion_ids
+            if mm is None:
+                has_mm = False
+            else:
+                mm = mm + [0] * len(completion_ids)
             if self.max_length is not None and len(ids) > self.max_length:
                 ids, lab = ids[: self.max_length], lab[: self.max_length]
-                if has_mm:
-                    mm = mm[: self.max_length]
+                mm = mm[: self.max_length] if mm is not None else None
             rows.append(ids)
             labels.append(lab)
-            if has_mm:
-                mm_rows.append(mm)
+            mm_rows.append(mm)
+        pad = self.tokenizer.pad_token_id
         width = max(len(r) for r in rows)
         out: dict[str, Any] = {
             "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
@@ -325,14 +446,24 @@ class SFTCollator:
         }
         if has_mm:
             out["mm_token_type_ids"] = torch.tensor([r + [0] * (width - len(r)) for r in mm_rows])
-        for key in ("pixel_values", "image_grid_thw"):
-            if key in batch:
-                out[key] = batch[key]
+        for key, parts in pixel_parts.items():
+            out[key] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         return out
 
     @property
     def hinted_share(self) -> float:
         return self.hinted / self.seen if self.seen else 0.0
+
+
+def _open_image(image):
+    """A PIL image from a path (read fully, file closed) or the image itself."""
+    if isinstance(image, str | os.PathLike):
+        from PIL import Image
+
+        with Image.open(image) as img:
+            img.load()
+            return img.copy() if img.mode == "RGB" else img.convert("RGB")
+    return image
 
 
 def _rgb(image):

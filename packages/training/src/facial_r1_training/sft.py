@@ -4,9 +4,10 @@ Data: unified JSONL whose ``description`` is the completion; records with an emp
 a missing/undecodable image are rejected with reasons (counted, logged as ``sft/rejected.jsonl``).
 Prompt: the paper's SFT prompt; a share ``sft.hint_fraction`` of prompts per batch carries the
 ground-truth block (:class:`facial_r1_training.data.SFTCollator`). Loss on the completion
-only (conversational prompt-completion rows). ``sft.plain_loss`` computes the loss from the full
-logits (fast on CPU with a small vocabulary); false uses TRL's fused, chunked LM-head loss
-(memory-lean for 150k-token vocabularies on GPU). Checkpoints in ``<output_dir>/checkpoints``; a
+only (conversational prompt-completion rows). ``sft.plain_loss`` computes the loss from the
+completion positions' logits (fast on CPU with a small vocabulary); false uses TRL's fused,
+chunked LM-head loss (memory-lean for 150k-token vocabularies on GPU). Images are cached by
+the collator as pixel values, once per run. Checkpoints in ``<output_dir>/checkpoints``; a
 rerun resumes from the newest complete checkpoint unless ``resume`` is false (``--fresh``).
 The final model + processor are written atomically to ``<output_dir>/model``.
 """
@@ -58,7 +59,8 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(
             f"no usable SFT records in {', '.join(map(str, files))}: {report.summary()}"
         )
-    dataset = to_dataset(sft_rows(items, cfg.emotions, cfg.question), "images")
+    # image paths, not decoded images: the collator caches each image's pixel values once
+    dataset = to_dataset(sft_rows(items, cfg.emotions, cfg.question), "images", decode=False)
 
     base = resolve_model(ctx, cfg.base_model or mcfg.path)
     model, processor = load_model_and_processor(
@@ -136,6 +138,9 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         "train_time_s": round(train_time, 3),
         "hinted_share": round(collator.hinted_share, 4),
         "samples": len(items),
+        "collator_cache_hits": collator.cache_hits,
+        "collator_cache_misses": collator.cache_misses,
+        "collator_cache_mb": round(collator.cached_bytes / 2**20, 1),
     }
     if s_per_step is not None:
         metrics["s_per_step"] = round(s_per_step, 4)
@@ -152,8 +157,31 @@ def _trl_sft_trainer():
     return SFTTrainer
 
 
+def _backbone_and_head(model):
+    """(backbone, LM head) of a causal LM whose forward is ``head(backbone(...)[0])``, or None.
+
+    Transformers models expose the backbone as ``base_model`` (``model.model`` for
+    Qwen2.5-VL, vision tower included) and the head as ``get_output_embeddings()``; a PEFT
+    wrapper is looked through (its LoRA layers live inside those modules).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, "base_model", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if backbone is None or backbone is inner or head is None:
+        return None
+    return backbone, head
+
+
 def plain_loss_trainer():
-    """SFTTrainer whose loss is token cross-entropy on the full logits (completion tokens only)."""
+    """SFTTrainer whose loss is token cross-entropy on the completion tokens' logits.
+
+    Only the positions that predict a completion token go through the LM head (the prompt,
+    image and padding positions, ~80 % of a tiny-profile batch, have no label), which gives the
+    same loss as the full logits at a fraction of the head's and the softmax's cost. Models
+    without a separable backbone/head, wrapped (distributed) models and ``return_outputs``
+    callers get the full logits.
+    """
     import torch
     from trl import SFTTrainer
 
@@ -162,10 +190,25 @@ def plain_loss_trainer():
             mode = "train" if model.training else "eval"
             labels = inputs.pop("labels")
             inputs["use_cache"] = False
-            outputs = model(**inputs)
-            logits = outputs.logits[:, :-1, :].float()
-            target = labels[:, 1:].to(logits.device)
+            target = labels[:, 1:]
             mask = target != -100
+            parts = None
+            accelerator = getattr(self, "accelerator", None)
+            unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+            if not return_outputs and unwrapped is model:
+                parts = _backbone_and_head(model)
+            if parts is not None:
+                backbone, head = parts
+                outputs = None
+                hidden = backbone(**inputs).last_hidden_state[:, :-1]
+                mask = mask.to(hidden.device)
+                logits = head(hidden[mask]).float()
+                target = target.to(logits.device)[mask]
+            else:
+                outputs = model(**inputs)
+                logits = outputs.logits[:, :-1, :].float()
+                target = target.to(logits.device)
+                mask = mask.to(logits.device)
             n_tokens = mask.sum()
             denom = num_items_in_batch if num_items_in_batch is not None else n_tokens
             loss = torch.nn.functional.cross_entropy(
@@ -177,7 +220,8 @@ def plain_loss_trainer():
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             with torch.no_grad():
-                correct = ((logits.argmax(-1) == target) & mask).sum()
+                hits = logits.argmax(-1) == target
+                correct = hits.sum() if parts is not None else (hits & mask).sum()
                 acc = (correct / n_tokens).item() if n_tokens > 0 else 0.0
             self._metrics[mode]["mean_token_accuracy"].append(acc)
             if mode == "train":
