@@ -336,17 +336,9 @@ class SFTCollator:
 
     def _text_part(self, prompt: str, pixels: dict) -> tuple[list[int], list[int] | None]:
         """The prompt's ids with each image token expanded as the processor expands it."""
-        token = self.processor.image_token
-        parts = prompt.split(token)
-        if len(parts) - 1 != len(pixels["image_grid_thw"]):
-            raise ValueError(
-                f"the prompt has {len(parts) - 1} image tokens for "
-                f"{len(pixels['image_grid_thw'])} images"
-            )
-        text = parts[0] + "".join(
-            self.processor.replace_image_token(pixels, image_idx=i) + part
-            for i, part in enumerate(parts[1:])
-        )
+        from .processing import expand_image_tokens
+
+        text = expand_image_tokens(self.processor, prompt, pixels["image_grid_thw"])
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         mm = self.processor.create_mm_token_type_ids([ids])[0] if self._with_mm else None
         return ids, mm

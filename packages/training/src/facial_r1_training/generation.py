@@ -243,7 +243,8 @@ class TransformersBackend:
     def _image_token(self) -> str | None:
         """The image placeholder of Qwen2-VL-style processors (None: use the processor as is)."""
         proc = self.processor
-        if not all(hasattr(proc, a) for a in ("image_token", "image_token_id", "image_processor")):
+        needed = ("image_token", "image_token_id", "image_processor", "replace_image_token")
+        if not all(hasattr(proc, a) for a in needed):
             return None
         return proc.image_token if hasattr(proc.image_processor, "merge_size") else None
 
@@ -274,15 +275,13 @@ class TransformersBackend:
         the placeholder expanded to one token per merged patch, then tokenised."""
         from transformers import BatchFeature
 
+        from .processing import expand_image_tokens
+
         proc = self.processor
-        token = self._image_token
         pixel_values, grids = self._pixels(images)
-        merge = proc.image_processor.merge_size**2
-        expanded = []
-        for text, grid in zip(texts, grids, strict=True):
-            if text.count(token) != 1:
-                raise ValueError(f"expected one {token} in the chat text, got {text.count(token)}")
-            expanded.append(text.replace(token, token * (int(grid.prod()) // merge)))
+        expanded = [
+            expand_image_tokens(proc, text, grids[i : i + 1]) for i, text in enumerate(texts)
+        ]
         enc = self.tokenizer(expanded, padding=True, return_tensors="pt")
         ids = enc["input_ids"]
         data = {

@@ -267,6 +267,22 @@ def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 2000):
     return fast
 
 
+def expand_image_tokens(processor, text: str, image_grids) -> str:
+    """``text`` with each image placeholder expanded as the processor expands it (one token per
+    merged patch), given the images' ``image_grid_thw`` rows in order: what lets the SFT collator
+    and the decoder tokenise with cached pixel values instead of a full processor call."""
+    token = processor.image_token
+    parts = text.split(token)
+    if len(parts) - 1 != len(image_grids):
+        n_tokens, n_images = len(parts) - 1, len(image_grids)
+        raise ValueError(f"the prompt has {n_tokens} image tokens for {n_images} images")
+    inputs = {"image_grid_thw": image_grids}
+    return parts[0] + "".join(
+        processor.replace_image_token(inputs, image_idx=i) + part
+        for i, part in enumerate(parts[1:])
+    )
+
+
 def build_image_processor(image_size: int = 56):
     """The PIL Qwen2-VL image processor pinned to ``image_size``**2 pixels (56 px -> 4 tokens)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
