@@ -27,18 +27,14 @@ setup: setup-trainer setup-orchestrator ## install both environments from their 
 setup-trainer: $(VENV)/.installed
 setup-orchestrator: $(AVENV)/.installed
 
-$(VENV)/.installed: requirements/trainer.lock $(wildcard packages/*/pyproject.toml)
+$(VENV)/.installed: requirements/trainer.lock scripts/install-env.sh $(wildcard packages/*/pyproject.toml)
 	@echo "==> trainer environment ($(VENV))"
-	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	@$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements/trainer.lock $(PIP_QUIET)
-	@$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps $(addprefix -e ,$(TRAINER_PKGS)) $(PIP_QUIET)
+	@PYTHON=$(PYTHON) scripts/install-env.sh $(VENV) requirements/trainer.lock $(TRAINER_PKGS)
 	@touch $@
 
-$(AVENV)/.installed: requirements/orchestrator.lock $(wildcard packages/*/pyproject.toml)
+$(AVENV)/.installed: requirements/orchestrator.lock scripts/install-env.sh $(wildcard packages/*/pyproject.toml)
 	@echo "==> orchestrator environment ($(AVENV))"
-	@test -x $(AVENV)/bin/python || $(PYTHON) -m venv $(AVENV)
-	@$(AVENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements/orchestrator.lock $(PIP_QUIET)
-	@$(AVENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps $(addprefix -e ,$(ORCH_PKGS)) $(PIP_QUIET)
+	@PYTHON=$(PYTHON) scripts/install-env.sh $(AVENV) requirements/orchestrator.lock $(ORCH_PKGS)
 	@touch $@
 
 test: setup lint test-trainer test-orchestrator ## ruff, every package's tests and doctests, cross-package tests
@@ -109,4 +105,4 @@ benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs 
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py
 
 clean: ## remove environments and run outputs (not data/ or the DVC cache)
-	rm -rf $(VENV) $(AVENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AVENV) .tools .pytest_cache .ruff_cache
