@@ -66,7 +66,7 @@ lock: ## re-resolve both environments from requirements/*.in into requirements/*
 .PHONY: pipeline
 PIPELINE_ARGS ?=
 pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airflow; last line = final metrics JSON
-	$(VENV)/bin/python -m facial_r1_training.pipeline_local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
+	$(VENV)/bin/facial-r1 pipeline-local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
 # --- orchestration (owner: pipeline; docs/operations.md) -----------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
@@ -99,7 +99,7 @@ k8s-render: setup-orchestrator ## render + validate (offline) the kustomize over
 		kubectl kustomize $$o > build/k8s/$$n.yaml && echo "rendered build/k8s/$$n.yaml"; done
 	$(AVENV)/bin/kubernetes-validate --strict -k 1.32 build/k8s/*.yaml
 	FACIAL_R1_HOME=$(CURDIR) $(AVENV)/bin/facial-r1 pipeline render-k8s \
-		--config configs/qwen2.5-vl-7b.yaml --out build/k8s/stages
+		--config configs/qwen2.5-vl-7b.yaml --output-dir build/k8s/stages
 
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py

@@ -144,7 +144,7 @@ def main() -> int:
         print(f"need a trained model ({args.model}): run `make pipeline` first", file=sys.stderr)
         return 2
     profile = load_profile(args.config)
-    cfg = from_section(SynthesisConfig, profile.get("synthesis", {}), name="synthesis")
+    cfg = from_section(SynthesisConfig, profile.get("synthesize", {}), name="synthesize")
     cfg.batch_size = args.batch_size or cfg.batch_size
     cfg.max_new_tokens = args.max_new_tokens or cfg.max_new_tokens
     cfg.round_size = cfg.round_size if args.round_size < 0 else args.round_size

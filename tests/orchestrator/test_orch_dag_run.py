@@ -23,9 +23,9 @@ TINY = [
     "sft.logging_steps=1",
     "sft.save_steps=1000",
     "grpo.max_steps=1",
-    "synthesis.limit=8",
-    "synthesis.max_retries=0",
-    "synthesis.max_new_tokens=24",
+    "synthesize.limit=8",
+    "synthesize.max_retries=0",
+    "synthesize.max_new_tokens=24",
     "evaluate.limit=8",
     "evaluate.max_new_tokens=24",
 ]

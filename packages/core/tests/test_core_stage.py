@@ -44,7 +44,7 @@ def test_untracked_stage_writes_result_and_runs_setup(tmp_path, monkeypatch, cap
         config_cls=ToyConfig,
         body=body,
         setup=lambda run: seen.setdefault("run", dict(run)),
-        extra_overrides=stage.flag_overrides("toy", {"name": "flag", "size": None}),
+        flags={"name": "flag", "size": None},
     )
     assert code == stage.EXIT_OK
     assert seen["run"] == {"seed": 5}

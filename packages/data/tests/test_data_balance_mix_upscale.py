@@ -105,7 +105,7 @@ def test_balance_cli(tmp_path, capsys):
                 "data",
                 "balance",
                 str(src),
-                "--out",
+                "--output",
                 str(tmp_path / "B.jsonl"),
                 "--target",
                 "mean",

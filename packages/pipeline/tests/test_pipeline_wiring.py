@@ -70,10 +70,10 @@ def test_each_stage_takes_the_previous_output(ctx):
     }
     assert _sets(iteration.spec_for(ctx, "grpo", up))["grpo.base_model"] == "runs/x/sft/model"
     syn = _sets(iteration.spec_for(ctx, "synthesize", up))
-    assert syn["synthesis.model_path"] == "runs/x/grpo/model"
-    assert syn["synthesis.input_file"] == "data/D_pool.jsonl"
+    assert syn["synthesize.model_path"] == "runs/x/grpo/model"
+    assert syn["synthesize.input_file"] == "data/D_pool.jsonl"
     # datasets are written beside the pool so <root>/<dataset>/<image> resolves; keyed by i+key
-    assert syn["synthesis.output_file"].startswith("data/D_pool_i002_")
+    assert syn["synthesize.output_file"].startswith("data/D_pool_i002_")
     flt = _sets(iteration.spec_for(ctx, "filter", up))
     assert flt["filter.synthesized_file"] == "data/a.jsonl"
     assert flt["filter.seed_file"] == ctx["train_file"]  # grown = previous set + accepted

@@ -145,7 +145,6 @@ def test_evaluate_cli_with_tiny_model(tmp_path, monkeypatch):
             str(Path(__file__).parents[3] / "configs" / "tiny-cpu.yaml"),
             "--model",
             str(tmp_path / "tiny"),
-            "--test-file",
             str(test_file),
             "--output-dir",
             str(tmp_path / "eval"),

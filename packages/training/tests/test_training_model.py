@@ -147,7 +147,10 @@ def test_lora_adapter_save_load_merge(tiny, tmp_path):
     # the same through the command line
     from facial_r1_core.cli import main as cli_main
 
-    assert cli_main(["model", "merge-lora", str(adapter_dir), "--out", str(tmp_path / "m2")]) == 0
+    assert (
+        cli_main(["model", "merge-lora", str(adapter_dir), "--output-dir", str(tmp_path / "m2")])
+        == 0
+    )
     assert (tmp_path / "m2" / "model.safetensors").is_file()
     assert not (tmp_path / "m2" / "adapter_config.json").exists()
 

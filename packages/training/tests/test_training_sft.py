@@ -263,9 +263,9 @@ def test_sft_trains_saves_and_skips_bad_records(home, env, tmp_path):
             "--config",
             str(profile),
             *FAST,
-            "--train-file",
+            "--input",
             str(bad),
-            "--train-file",
+            "--input",
             "data/Toy_train.jsonl",
             "--output-dir",
             "runs/sft-a",
@@ -323,7 +323,7 @@ def test_sft_without_usable_records_fails_cleanly(home, env, tmp_path):
     empty = write_toy_dataset(tmp_path, 3, with_description=False)
     result = tmp_path / "r.json"
     code = cli_main(
-        ["sft", "--config", str(profile), "--train-file", str(empty), "--result", str(result)]
+        ["sft", "--config", str(profile), "--input", str(empty), "--result", str(result)]
     )
     assert code == 1
     assert not result.exists()

@@ -219,20 +219,19 @@ def test_tiny_model_cli_run_reconciles(tmp_path, monkeypatch, tiny_model_dir):
             "synthesize",
             "--config",
             str(Path(__file__).parents[3] / "configs" / "tiny-cpu.yaml"),
-            "--input",
             str(inp),
             "--model",
             str(tiny_model_dir),
             "--result",
             str(result),
             "--set",
-            "synthesis.max_retries=1",
+            "synthesize.max_retries=1",
             "--set",
-            "synthesis.max_new_tokens=16",
+            "synthesize.max_new_tokens=16",
             "--set",
-            "synthesis.batch_size=4",
+            "synthesize.batch_size=4",
             "--set",
-            f"synthesis.work_dir={tmp_path}/work",
+            f"synthesize.work_dir={tmp_path}/work",
         ]
     )
     assert code == 0
@@ -263,7 +262,7 @@ def test_profiles_have_valid_synthesis_filter_evaluate_sections(profile):
     from facial_r1_training.generation import BACKENDS
 
     cfg = load_profile(Path(__file__).parents[3] / "configs" / profile)
-    syn = from_section(SynthesisConfig, cfg["synthesis"], name="synthesis")
+    syn = from_section(SynthesisConfig, cfg["synthesize"], name="synthesize")
     flt = from_section(FilterConfig, cfg["filter"], name="filter")
     ev = from_section(EvaluateConfig, cfg["evaluate"], name="evaluate")
     assert syn.backend in BACKENDS and ev.backend in BACKENDS

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+#: Old section names still read (with a deprecation warning) -> the current name.
+SECTION_ALIASES = {"synthesis": "synthesize"}
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"override {item!r} has an empty key")
+        parts[0] = canonical_section(parts[0], f"override {item!r}")
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -98,9 +103,29 @@ def _read_profile(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
     parent = data.pop("extends", None)
+    for old in [k for k in data if k in SECTION_ALIASES]:
+        new = canonical_section(old, str(path))
+        data[new] = deep_merge(data.pop(old) or {}, data.get(new) or {})
     if parent:
         data = deep_merge(_read_profile(path.parent / parent), data)
     return data
+
+
+def canonical_section(name: str, where: str = "") -> str:
+    """The current name of a profile section; an old name warns on stderr.
+
+    >>> canonical_section("sft")
+    'sft'
+    """
+    new = SECTION_ALIASES.get(name)
+    if new is None:
+        return name
+    print(
+        f"facial-r1: warning: {where + ': ' if where else ''}section '{name}' is deprecated, "
+        f"call it '{new}'",
+        file=sys.stderr,
+    )
+    return new
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ What the plumbing does, in order:
 
 1. resolves the profile (``--config``, default ``$FACIAL_R1_CONFIG`` or
    ``configs/tiny-cpu.yaml`` under the project home) with the ``--set section.key=value``
-   overrides, and builds the typed section with :func:`facial_r1_core.config.from_section`;
+   overrides, then the verb's own flags (``flags={"key": args.x}``, :func:`apply_flags`), and
+   builds the typed section with :func:`facial_r1_core.config.from_section`;
 2. calls the stage's ``setup(run_settings)`` hook (default: seed ``random``/numpy with
    ``run.seed``; the training package adds torch threads and torch seeding);
 3. unless ``--no-mlflow`` is given or mlflow is not installed (the stage then runs untracked
@@ -76,20 +77,32 @@ def default_config_path() -> str:
     return os.environ.get("FACIAL_R1_CONFIG") or str(project_home() / DEFAULT_PROFILE)
 
 
-def flag_overrides(section: str, values: Mapping[str, Any]) -> list[str]:
-    """``section.key=value`` overrides for a verb's explicit flags that were given (not None);
-    applied after ``--set``, so they count in the config hash.
+def apply_flags(
+    profile: dict[str, Any], section: str, flags: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Set ``section.key`` from a verb's explicit flags (None = not given), in place.
 
-    >>> flag_overrides("demo_faces", {"train": 10, "seed": None, "out_root": "x"})
-    ['demo_faces.train=10', 'demo_faces.out_root=x']
+    This runs after ``--set`` and before anything is logged, so a flag counts in the MLflow
+    params and the config hash exactly as the same ``--set`` would.
+
+    >>> apply_flags({"sft": {"max_steps": 5}}, "sft", {"max_steps": 9, "model": None})
+    {'sft': {'max_steps': 9}}
+    >>> apply_flags({}, "sft", {"train_file": (Path("a.jsonl"),)})
+    {'sft': {'train_file': ['a.jsonl']}}
     """
-    out = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else json.dumps(value)
-        out.append(f"{section}.{key}={text}")
-    return out
+    given = {key: _plain(value) for key, value in (flags or {}).items() if value is not None}
+    if given:
+        current = profile.get(section)
+        profile[section] = {**(current if isinstance(current, Mapping) else {}), **given}
+    return profile
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -248,7 +261,7 @@ def load_stage_config(
     args: argparse.Namespace,
     section: str,
     config_cls: type | None,
-    extra_overrides: list[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Resolve the profile of ``args`` and build the typed section (ConfigError on problems).
 
@@ -257,11 +270,13 @@ def load_stage_config(
     """
     given = getattr(args, "config", None)
     path = given or default_config_path()
-    overrides = [*(getattr(args, "overrides", None) or ()), *(extra_overrides or ())]
+    overrides = list(getattr(args, "overrides", None) or ())
     if given or Path(path).is_file():
         profile = load_profile(path, overrides)
     else:
         profile = apply_overrides({}, overrides)
+    if section:
+        apply_flags(profile, section, flags)
     if section and section not in profile and config_cls is None:
         raise ConfigError(f"{path}: the profile has no '{section}' section")
     raw = profile.get(section) if section else None
@@ -280,7 +295,7 @@ def stage_context(
     config_cls: type | None = None,
     track: bool = True,
     setup: Setup = seed_python,
-    extra_overrides: list[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
 ) -> Iterator[StageContext]:
     """Resolve config, run the setup hook, and hold an MLflow run open around the stage body.
 
@@ -288,7 +303,7 @@ def stage_context(
     FAILED (with ``error.txt``) and propagates. ``track=False`` (or ``--no-mlflow``) skips MLflow.
     """
     section = section if section is not None else stage
-    profile, typed = load_stage_config(args, section, config_cls, extra_overrides)
+    profile, typed = load_stage_config(args, section, config_cls, flags)
     section_dict = (
         dataclasses.asdict(typed) if dataclasses.is_dataclass(typed) else dict(typed or {})
     )
@@ -366,7 +381,7 @@ def run_stage(
     config_cls: type | None = None,
     track: bool = True,
     setup: Setup = seed_python,
-    extra_overrides: list[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
 ) -> int:
     """Run ``body(ctx) -> (outputs, metrics)`` as a tracked stage; returns the exit code.
 
@@ -382,7 +397,7 @@ def run_stage(
             config_cls=config_cls,
             track=track,
             setup=setup,
-            extra_overrides=extra_overrides,
+            flags=flags,
         ) as ctx:
             outputs, metrics = body(ctx)
             result = ctx.finish(outputs, metrics)

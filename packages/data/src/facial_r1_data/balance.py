@@ -1,4 +1,4 @@
-"""``facial-r1 data balance IN.jsonl --out OUT.jsonl``: the paper's D.2 frequency-based sampling.
+"""``facial-r1 data balance IN.jsonl --output OUT.jsonl``: the paper's D.2 frequency-based sampling.
 
 For each label (an emotion class or an AU) the target is a count (default: the median class
 count; ``--target mean|max|min|N``, per-class overrides with ``--class-target anger=800``).
@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from facial_r1_core.cli import deprecated_flag
 
 from .report import eprint, reports_dir, write_report
 
@@ -129,7 +131,7 @@ def balance(
         raise ValueError(f"--by must be emotion, au or both, got {by!r}")
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
-        raise ValueError("balance: --out must differ from the input")
+        raise ValueError("balance: --output must differ from the input")
     class_targets = class_targets or {}
     start = time.perf_counter()
     # pass 1: counts
@@ -271,7 +273,8 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help="a cleaned JSONL")
-    parser.add_argument("--out", type=Path, required=True, help="balanced JSONL (same root)")
+    parser.add_argument("--output", type=Path, help="(required) balanced JSONL (same root)")
+    deprecated_flag(parser, "--out", dest="output", new="--output", required=True, type=Path)
     parser.add_argument("--by", default="emotion", choices=("emotion", "au", "both"))
     parser.add_argument(
         "--target",
@@ -299,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = balance(
             args.input,
-            args.out,
+            args.output,
             by=args.by,
             target=args.target,
             class_targets=parse_class_targets(args.class_target),

@@ -1,4 +1,4 @@
-"""``facial-r1 data clean IN.jsonl --out OUT.jsonl``: the paper's D.2 cleaning step.
+"""``facial-r1 data clean IN.jsonl --output OUT.jsonl``: the paper's D.2 cleaning step.
 
 Moves every bad record to a quarantine JSONL with its reason and keeps the rest: invalid JSON,
 schema errors, unsafe image paths, unknown emotion labels or AU codes (AUs outside the AU
@@ -16,6 +16,8 @@ import argparse
 import time
 from pathlib import Path
 from typing import Any
+
+from facial_r1_core.cli import deprecated_flag
 
 from .images import VERIFY_MODES
 from .report import QuarantineWriter, Tally, eprint, reports_dir, summary_line, write_report
@@ -42,7 +44,7 @@ def clean(
 
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
-        raise ValueError("clean: --out must differ from the input (the input stays untouched)")
+        raise ValueError("clean: --output must differ from the input (the input stays untouched)")
     root = Path(root) if root else source.parent
     q_path = (
         Path(quarantine) if quarantine else reports_dir(out.parent) / f"{out.stem}.quarantine.jsonl"
@@ -126,7 +128,8 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help="the JSONL to clean (left untouched)")
-    parser.add_argument("--out", type=Path, required=True, help="cleaned JSONL (same root)")
+    parser.add_argument("--output", type=Path, help="(required) cleaned JSONL (same root)")
+    deprecated_flag(parser, "--out", dest="output", new="--output", required=True, type=Path)
     parser.add_argument("--root", type=Path, help="dataset root (default: the input's folder)")
     parser.add_argument("--no-images", action="store_true", help="skip image checks")
     parser.add_argument("--verify-images", default="decode", choices=VERIFY_MODES[:2])
@@ -145,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = clean(
             args.input,
-            args.out,
+            args.output,
             root=args.root,
             images=not args.no_images,
             verify=args.verify_images,
@@ -158,8 +161,8 @@ def main(args: argparse.Namespace) -> int:
         eprint(f"facial-r1 data clean: error: {exc}")
         return 2
     root = Path(result["root"]).resolve()
-    if Path(args.out).resolve().parent != root:
-        eprint(f"warning: {args.out} is not in {root}: its images will not resolve from there")
+    if Path(args.output).resolve().parent != root:
+        eprint(f"warning: {args.output} is not in {root}: its images will not resolve from there")
     print(summary_line("clean", result, kept_name="kept"))
     print(f"  quarantine: {result['quarantine_file']}\n  report:     {result['report_file']}")
     return 0

@@ -24,12 +24,6 @@ def register(subparsers) -> None:
         help="convert, validate, clean, balance, upscale, mix datasets; demo faces; seed data",
     )
     verbs = parser.add_subparsers(dest="data_command", metavar="VERB")
-    for name in VERB_MODULES:
-        try:
-            module = importlib.import_module(f"facial_r1_data.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"facial_r1_data.{name}":
-                continue  # verb not built yet
-            raise
-        module.add_parser(verbs)
+    for name in VERB_MODULES:  # a missing module is an error: a verb never vanishes silently
+        importlib.import_module(f"facial_r1_data.{name}").add_parser(verbs)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from facial_r1_core.cli import deprecated_flag, positional_input
+
 from .converters import CONVERTERS, LayoutError, get_converter
 from .converters._base import ArrayImage, Emit, FileImage, Reject
 from .images import PLACE_MODES, VERIFY_MODES
@@ -52,10 +54,15 @@ def build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", required=True, choices=sorted(CONVERTERS), help="which distribution"
     )
-    parser.add_argument(
-        "--source", required=True, type=Path, help="the folder (or file) you downloaded"
+    positional_input(
+        parser,
+        "source",
+        "--source",
+        metavar="SOURCE",
+        help="the folder (or file) you downloaded",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output root of the layout")
+    parser.add_argument("--output-dir", type=Path, help="output root of the layout (required)")
+    deprecated_flag(parser, "--out", dest="output_dir", new="--output-dir", type=Path)
     parser.add_argument(
         "--split",
         default="all",
@@ -107,7 +114,7 @@ def _namespace(
 ) -> argparse.Namespace:
     parser = build_arguments(argparse.ArgumentParser(add_help=False))
     args = parser.parse_args(
-        ["--dataset", dataset, "--source", str(source), "--out", str(out), "--split", split]
+        ["--dataset", dataset, str(source), "--output-dir", str(out), "--split", split]
     )
     for key, value in options.items():
         if not hasattr(args, key):
@@ -181,11 +188,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise LayoutError(
             f"{cls.dataset} has no '{args.split}' split; choose one of {', '.join(cls.splits)}"
         )
+    if not args.source:
+        raise LayoutError("name the downloaded folder (or file): facial-r1 data convert SOURCE ...")
+    if not args.output_dir:
+        raise LayoutError("name the output root: --output-dir DIR")
     source = Path(args.source)
     if not source.exists():
-        raise LayoutError(f"--source {source} does not exist")
+        raise LayoutError(f"source {source} does not exist")
     converter = cls(args)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     dataset = converter.output_dataset()
     jsonl, report_path, quarantine_path = output_paths(out, dataset, args.split, args)
     tally = Tally()

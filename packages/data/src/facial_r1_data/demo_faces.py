@@ -471,6 +471,7 @@ def contact_sheet(
 
 
 def add_parser(subparsers) -> None:
+    from facial_r1_core.cli import deprecated_flag
     from facial_r1_core.stage import add_stage_arguments
 
     p = subparsers.add_parser(
@@ -484,7 +485,8 @@ def add_parser(subparsers) -> None:
             "Settings come from the profile's demo_faces section; the flags below override it."
         ),
     )
-    p.add_argument("--out-root", default=None, help="output root (demo_faces.out_root)")
+    p.add_argument("--output-dir", default=None, help="dataset root (demo_faces.out_root)")
+    deprecated_flag(p, "--out-root", dest="output_dir", new="--output-dir")
     p.add_argument("--train", type=int, default=None, help="train faces (demo_faces.train)")
     p.add_argument("--test", type=int, default=None, help="test faces (demo_faces.test)")
     p.add_argument(
@@ -515,10 +517,10 @@ def add_parser(subparsers) -> None:
 
 
 def _handler(args) -> int:
-    from facial_r1_core.stage import flag_overrides, run_stage
+    from facial_r1_core.stage import run_stage
 
     flags = {
-        "out_root": args.out_root,
+        "out_root": args.output_dir,
         "train": args.train,
         "test": args.test,
         "pool": args.pool,
@@ -581,5 +583,5 @@ def _handler(args) -> int:
         section="demo_faces",
         config_cls=DemoFacesConfig,
         body=body,
-        extra_overrides=flag_overrides("demo_faces", flags),
+        flags=flags,
     )

@@ -1,11 +1,11 @@
 """``facial-r1 data mix``: one training JSONL from several converted datasets.
 
-Each ``--take FILE=SPEC`` names a converted JSONL and how much of it to take: ``all``,
+Each ``--input FILE=SPEC`` names a converted JSONL and how much of it to take: ``all``,
 ``first:N``, ``random:N`` (a uniform sample, deterministic by ``--seed``) or ``N%`` (exactly
 round(N% of the lines), sampled uniformly). Records keep their dataset folder, so every input must
-live in the output's root (the folder of ``--out``), the way the paper assembled FEA-20K from its
+live in the output's root (the folder of ``--output``), the way the paper assembled FEA-20K from its
 sources. Repeated ids (the same image and question in two inputs) are quarantined, first kept.
-Sampled lines keep their file order; inputs follow the order of the ``--take`` options.
+Sampled lines keep their file order; inputs follow the order of the ``--input`` options.
 
 >>> parse_spec("first:10"), parse_spec("random:5"), parse_spec("25%"), parse_spec("all")
 (('first', 10), ('random', 5), ('percent', 25.0), ('all', 0))
@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+from facial_r1_core.cli import deprecated_flag
 
 from .report import QuarantineWriter, Tally, eprint, reports_dir, summary_line, write_report
 
@@ -96,7 +98,7 @@ def mix(
     out = Path(out)
     root = out.parent.resolve()
     if not takes:
-        raise ValueError("mix: give at least one --take FILE=SPEC")
+        raise ValueError("mix: give at least one --input FILE=SPEC")
     parsed = []
     for path, spec in takes:
         path = Path(path)
@@ -108,7 +110,7 @@ def mix(
                 "folder relative to their JSONL's folder, so mix files of one root"
             )
         if path.resolve() == out.resolve():
-            raise ValueError("mix: --out must not be one of the inputs")
+            raise ValueError("mix: --output must not be one of the inputs")
         parsed.append((path, spec, *parse_spec(spec)))
     rng = np.random.default_rng(seed)
     total = Tally()
@@ -191,13 +193,14 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--take",
+        "--input",
         action="append",
-        required=True,
         metavar="FILE=SPEC",
-        help="an input JSONL and its sampling (repeatable); SPEC defaults to all",
+        help="an input JSONL and its sampling (repeatable, at least one); SPEC defaults to all",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output JSONL in the same root")
+    deprecated_flag(parser, "--take", dest="input", new="--input", append=True)
+    parser.add_argument("--output", type=Path, help="(required) output JSONL in the same root")
+    deprecated_flag(parser, "--out", dest="output", new="--output", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path)
     parser.set_defaults(func=main)
@@ -205,8 +208,10 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        takes = [parse_take(t) for t in args.take]
-        result = mix(takes, args.out, seed=args.seed, report=args.report)
+        if not args.input:
+            raise ValueError("give at least one --input FILE[=SPEC]")
+        takes = [parse_take(t) for t in args.input]
+        result = mix(takes, args.output, seed=args.seed, report=args.report)
     except (OSError, ValueError) as exc:
         eprint(f"facial-r1 data mix: error: {exc}")
         return 2

@@ -320,6 +320,7 @@ def build_seed(
 
 
 def add_parser(subparsers) -> None:
+    from facial_r1_core.cli import positional_input
     from facial_r1_core.stage import add_stage_arguments
 
     p = subparsers.add_parser(
@@ -334,7 +335,7 @@ def add_parser(subparsers) -> None:
             "FACIAL_R1_TEACHER_BASE_URL, FACIAL_R1_TEACHER_MODEL, FACIAL_R1_TEACHER_API_KEY)."
         ),
     )
-    p.add_argument("--input", default=None, help="input JSONL (seed_sft.input)")
+    positional_input(p, "input", "--input", metavar="INPUT", help="input JSONL (seed_sft.input)")
     p.add_argument("--output", default=None, help="accepted JSONL (seed_sft.output)")
     p.add_argument("--count", type=int, default=None, help="samples to select (seed_sft.count)")
     p.add_argument("--teacher", choices=TEACHERS, default=None, help="seed_sft.teacher")
@@ -345,7 +346,7 @@ def add_parser(subparsers) -> None:
 
 
 def _handler(args) -> int:
-    from facial_r1_core.stage import flag_overrides, run_stage
+    from facial_r1_core.stage import run_stage
 
     flags = {
         "input": args.input,
@@ -387,5 +388,5 @@ def _handler(args) -> int:
         section="seed_sft",
         config_cls=SeedConfig,
         body=body,
-        extra_overrides=flag_overrides("seed_sft", flags),
+        flags=flags,
     )

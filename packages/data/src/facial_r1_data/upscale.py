@@ -1,4 +1,4 @@
-"""``facial-r1 data upscale IN.jsonl --out-root OUT``: low-resolution images to a target size.
+"""``facial-r1 data upscale IN.jsonl --output-dir OUT``: low-resolution images to a target size.
 
 The paper super-resolves FER2013's 48x48 faces to 336x336 (D.2, with a one-step diffusion
 upscaler). Default: a high-quality resampler (LANCZOS; ``--method bicubic`` also exists) applied
@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from facial_r1_core.cli import deprecated_flag
 
 from .report import (
     QuarantineWriter,
@@ -143,7 +145,7 @@ def upscale(
     source, out_root = Path(source), Path(out_root)
     root = Path(root) if root else source.parent
     if out_root.resolve() == root.resolve():
-        raise ValueError("upscale: --out-root must differ from the input root (originals stay)")
+        raise ValueError("upscale: --output-dir must differ from the input root (originals stay)")
     fn = get_upscaler(method, weights)  # fails before anything is written
     min_side = size if min_side is None else min_side
     tally = Tally()
@@ -233,7 +235,10 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help="a JSONL of the layout")
-    parser.add_argument("--out-root", type=Path, required=True, help="new dataset root")
+    parser.add_argument("--output-dir", type=Path, help="(required) new dataset root")
+    deprecated_flag(
+        parser, "--out-root", dest="output_dir", new="--output-dir", required=True, type=Path
+    )
     parser.add_argument("--root", type=Path, help="input root (default: the input's folder)")
     parser.add_argument("--size", type=int, default=336, help="target size (default 336)")
     parser.add_argument(
@@ -262,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         report = upscale(
             args.input,
-            args.out_root,
+            args.output_dir,
             root=args.root,
             size=args.size,
             min_side=args.min_side,

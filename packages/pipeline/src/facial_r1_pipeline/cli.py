@@ -32,8 +32,14 @@ def register(subparsers) -> None:
     render.add_argument("--config", default="configs/qwen2.5-vl-7b.yaml", metavar="PROFILE.yaml")
     render.add_argument("--set", dest="overrides", action="append", default=[])
     render.add_argument(
-        "--out", default=None, metavar="DIR", help="write one YAML per stage here (default: print)"
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="write one YAML per stage here (default: print)",
     )
+    from facial_r1_core.cli import deprecated_flag
+
+    deprecated_flag(render, "--out", dest="output_dir", new="--output-dir")
     render.add_argument("--kubernetes-version", default="1.32")
     render.set_defaults(func=_render)
 
@@ -72,8 +78,8 @@ def _render(args) -> int:
         failed += bool(problems)
         print(f"{stage:11s} {manifest['kind']:4s} {status}", file=sys.stderr)
         text = yaml.safe_dump(manifest, sort_keys=False)
-        if args.out:
-            out = Path(args.out)
+        if args.output_dir:
+            out = Path(args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{stage}.yaml").write_text(text, encoding="utf-8")
         else:

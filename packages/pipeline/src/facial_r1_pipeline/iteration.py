@@ -156,7 +156,7 @@ def input_files(profile: Mapping[str, Any]) -> dict[str, str]:
         "seed_file": str(_section(profile, "filter").get("seed_file") or "")
         or _first(_section(profile, "sft").get("train_file")),
         "grpo_file": _first(_section(profile, "grpo").get("train_file")),
-        "pool_file": str(_section(profile, "synthesis").get("input_file") or ""),
+        "pool_file": str(_section(profile, "synthesize").get("input_file") or ""),
         "test_file": str(_section(profile, "evaluate").get("test_file") or ""),
     }
     missing = [k for k, v in files.items() if not v]
@@ -164,7 +164,7 @@ def input_files(profile: Mapping[str, Any]) -> dict[str, str]:
         keys = {
             "seed_file": "sft.train_file",
             "grpo_file": "grpo.train_file",
-            "pool_file": "synthesis.input_file",
+            "pool_file": "synthesize.input_file",
             "test_file": "evaluate.test_file",
         }
         raise IterationError("the profile does not name " + ", ".join(keys[k] for k in missing))
@@ -208,11 +208,11 @@ def spec_for(
         }
     elif stage == "synthesize":
         wiring = {
-            "synthesis.model_path": _model_of(upstream, "grpo"),
-            "synthesis.input_file": ctx["inputs"]["pool_file"],
-            "synthesis.output_file": paths["synth_file"],
-            "synthesis.rejected_file": paths["synth_rejected"],
-            "synthesis.work_dir": f"{work}/synthesis",
+            "synthesize.model_path": _model_of(upstream, "grpo"),
+            "synthesize.input_file": ctx["inputs"]["pool_file"],
+            "synthesize.output_file": paths["synth_file"],
+            "synthesize.rejected_file": paths["synth_rejected"],
+            "synthesize.work_dir": f"{work}/synthesis",
         }
     elif stage == "filter":
         outs = (upstream.get("synthesize") or {}).get("outputs") or {}

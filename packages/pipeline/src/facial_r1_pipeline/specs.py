@@ -33,7 +33,7 @@ STAGES = ("sft", "grpo", "synthesize", "filter", "evaluate")
 STAGE_SECTION = {
     "sft": "sft",
     "grpo": "grpo",
-    "synthesize": "synthesis",
+    "synthesize": "synthesize",
     "filter": "filter",
     "evaluate": "evaluate",
 }

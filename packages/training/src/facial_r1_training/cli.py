@@ -1,14 +1,18 @@
-"""Training-side ``facial-r1`` commands: model, sft, grpo, synthesize, filter, evaluate, analyze.
+"""Training-side ``facial-r1`` commands: model, sft, grpo, synthesize, filter, evaluate, analyze,
+pipeline-local.
 
-``model``, ``sft`` and ``grpo`` are defined here. Other stages live in their own modules, each
-with ``add_parser(subparsers)`` (listed in :data:`COMMAND_MODULES`; a module not written yet is
-skipped). Handlers import torch/transformers/trl lazily so ``facial-r1 --help`` stays fast.
+``model``, ``sft`` and ``grpo`` are defined here. Other commands live in their own modules, each
+with ``add_parser(subparsers)`` (listed in :data:`COMMAND_MODULES`; a module that is missing or
+lacks ``add_parser`` is an error, never skipped). Handlers import torch/transformers/trl lazily so
+``facial-r1 --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+from facial_r1_core.cli import deprecated_flag
 
 from .stage import add_stage_arguments
 
@@ -17,8 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "synthesis",
     "filtering",
     "evaluation",
-    "evaluate",
     "analyze",
+    "pipeline_local",
 )
 
 
@@ -28,14 +32,8 @@ def register(subparsers) -> None:
     _add_sft(subparsers)
     _add_grpo(subparsers)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{name}":
-                continue  # stage not built yet
-            raise
-        if hasattr(module, "add_parser"):
-            module.add_parser(subparsers)
+        module = importlib.import_module(f"{__package__}.{name}")
+        module.add_parser(subparsers)
 
 
 def _add_model(subparsers) -> None:
@@ -53,10 +51,11 @@ def _add_model(subparsers) -> None:
         "with a byte-level BPE tokenizer trained offline on the project's prompt/AU/emotion text "
         "and an image-only processor (56x56 images -> 4 image tokens). The folder loads with "
         "from_pretrained(DIR) under HF_HUB_OFFLINE=1 (import facial_r1_training first for "
-        "AutoProcessor). Output: model.path, or --out.",
+        "AutoProcessor). Output: model.path, or --output-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    build.add_argument("--out", metavar="DIR", help="output folder (default: model.path)")
+    build.add_argument("--output-dir", metavar="DIR", help="output folder (overrides model.path)")
+    deprecated_flag(build, "--out", dest="output_dir", new="--output-dir")
     build.add_argument(
         "--corpus",
         metavar="JSONL",
@@ -72,7 +71,8 @@ def _add_model(subparsers) -> None:
         help="merge a LoRA adapter folder into its base model and save a standalone model",
     )
     merge.add_argument("adapter", metavar="ADAPTER_DIR", help="folder with adapter_config.json")
-    merge.add_argument("--out", metavar="DIR", required=True, help="output model folder")
+    merge.add_argument("--output-dir", metavar="DIR", help="(required) output model folder")
+    deprecated_flag(merge, "--out", dest="output_dir", new="--output-dir", required=True)
     merge.add_argument("--dtype", default="auto", help="dtype to load the base in")
     merge.set_defaults(func=_run_merge_lora)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
@@ -86,7 +86,7 @@ def _run_build_tiny(args) -> int:
         from .models import build_tiny
 
         cfg: ModelStageConfig = ctx.config
-        out = ctx.path(args.out or cfg.path)
+        out = ctx.path(cfg.path)
         extra = _corpus_texts([ctx.path(p) for p in args.corpus])
         summary = build_tiny(out, cfg.tiny_spec(), extra_texts=extra)
         ctx.log_dict(summary, "model/summary.json")
@@ -99,7 +99,12 @@ def _run_build_tiny(args) -> int:
         return {"model": str(out)}, metrics
 
     return run_stage(
-        args, stage="model-build-tiny", section="model", config_cls=ModelStageConfig, body=body
+        args,
+        stage="model-build-tiny",
+        section="model",
+        config_cls=ModelStageConfig,
+        body=body,
+        flags={"path": args.output_dir},
     )
 
 
@@ -118,21 +123,23 @@ def _run_merge_lora(args) -> int:
     from .models import load_model_and_processor, save_merged
 
     model, processor = load_model_and_processor(args.adapter, dtype=args.dtype)
-    out = save_merged(model, processor, args.out)
+    out = save_merged(model, processor, args.output_dir)
     print(out)
     return 0
 
 
 def _training_flags(parser: argparse.ArgumentParser, section: str) -> None:
     parser.add_argument(
-        "--train-file",
+        "--input",
         action="append",
         metavar="JSONL",
         help=f"unified JSONL to train on, repeatable (overrides {section}.train_file)",
     )
+    deprecated_flag(parser, "--train-file", dest="input", new="--input", append=True)
     parser.add_argument(
-        "--base-model", metavar="DIR_OR_ID", help=f"starting model (overrides {section}.base_model)"
+        "--model", metavar="DIR_OR_ID", help=f"starting model (overrides {section}.base_model)"
     )
+    deprecated_flag(parser, "--base-model", dest="model", new="--model")
     parser.add_argument(
         "--output-dir",
         metavar="DIR",
@@ -174,15 +181,15 @@ def _add_grpo(subparsers) -> None:
     parser.set_defaults(func=_run_grpo)
 
 
-def _apply_flags(cfg, args) -> None:
-    if getattr(args, "train_file", None):
-        cfg.train_file = list(args.train_file)
-    for flag in ("base_model", "output_dir", "max_steps"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(cfg, flag, value)
-    if getattr(args, "fresh", False):
-        cfg.resume = False
+def _training_config_flags(args) -> dict:
+    """The section keys the sft/grpo flags set (None = flag not given)."""
+    return {
+        "train_file": list(args.input) if args.input else None,
+        "base_model": args.model,
+        "output_dir": args.output_dir,
+        "max_steps": args.max_steps,
+        "resume": False if args.fresh else None,
+    }
 
 
 def _run_sft(args) -> int:
@@ -192,10 +199,16 @@ def _run_sft(args) -> int:
     def body(ctx):
         from .sft import run_sft
 
-        _apply_flags(ctx.config, args)
         return run_sft(ctx)
 
-    return run_stage(args, stage="sft", section="sft", config_cls=SFTStageConfig, body=body)
+    return run_stage(
+        args,
+        stage="sft",
+        section="sft",
+        config_cls=SFTStageConfig,
+        body=body,
+        flags=_training_config_flags(args),
+    )
 
 
 def _run_grpo(args) -> int:
@@ -205,7 +218,13 @@ def _run_grpo(args) -> int:
     def body(ctx):
         from .grpo import run_grpo
 
-        _apply_flags(ctx.config, args)
         return run_grpo(ctx)
 
-    return run_stage(args, stage="grpo", section="grpo", config_cls=GRPOStageConfig, body=body)
+    return run_stage(
+        args,
+        stage="grpo",
+        section="grpo",
+        config_cls=GRPOStageConfig,
+        body=body,
+        flags=_training_config_flags(args),
+    )

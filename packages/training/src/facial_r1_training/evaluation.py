@@ -355,6 +355,8 @@ def evaluate(
 
 
 def add_parser(subparsers) -> None:
+    from facial_r1_core.cli import positional_input
+
     from .stage import add_stage_arguments
 
     parser = subparsers.add_parser(
@@ -368,7 +370,9 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("--model", help="model folder, hub id or models:/NAME@ALIAS")
-    parser.add_argument("--test-file", help="test JSONL (overrides evaluate.test_file)")
+    positional_input(
+        parser, "test_file", "--test-file", metavar="TEST", help="test JSONL (evaluate.test_file)"
+    )
     parser.add_argument("--output-dir", help="report folder (overrides evaluate.output_dir)")
     parser.add_argument("--limit", type=int, help="at most N test records")
     add_stage_arguments(parser)
@@ -379,7 +383,17 @@ def main(args) -> int:
     from .stage import run_stage
 
     return run_stage(
-        args, stage="evaluate", section="evaluate", config_cls=EvaluateConfig, body=_body
+        args,
+        stage="evaluate",
+        section="evaluate",
+        config_cls=EvaluateConfig,
+        body=_body,
+        flags={
+            "model_path": args.model,
+            "test_file": args.test_file,
+            "output_dir": args.output_dir,
+            "limit": args.limit,
+        },
     )
 
 
@@ -389,20 +403,10 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     from .synthesis import prompt_emotions
 
     cfg: EvaluateConfig = ctx.config
-    args = ctx.args
-    for flag, name in (
-        ("model", "model_path"),
-        ("test_file", "test_file"),
-        ("output_dir", "output_dir"),
-        ("limit", "limit"),
-    ):
-        value = getattr(args, flag, None) if args is not None else None
-        if value is not None:
-            setattr(cfg, name, value)
     if not cfg.model_path:
         raise ValueError("evaluate.model_path is not set (or pass --model)")
     if not cfg.test_file:
-        raise ValueError("evaluate.test_file is not set (or pass --test-file)")
+        raise ValueError("evaluate.test_file is not set (or pass TEST)")
     test_file = ctx.path(cfg.test_file)
     if not test_file.is_file():
         raise FileNotFoundError(f"test file not found: {test_file}")

@@ -331,6 +331,8 @@ def _review_row(
 
 
 def add_parser(subparsers) -> None:
+    from facial_r1_core.cli import positional_input
+
     from .stage import add_stage_arguments
 
     parser = subparsers.add_parser(
@@ -342,7 +344,13 @@ def add_parser(subparsers) -> None:
             "(paper D.2), and writes the grown training set (seed + accepted) with statistics."
         ),
     )
-    parser.add_argument("--input", help="synthesized JSONL (overrides filter.synthesized_file)")
+    positional_input(
+        parser,
+        "input",
+        "--input",
+        metavar="INPUT",
+        help="synthesized JSONL (filter.synthesized_file)",
+    )
     parser.add_argument("--seed-file", help="seed training JSONL (overrides filter.seed_file)")
     parser.add_argument("--output", help="grown training JSONL (overrides filter.output_file)")
     add_stage_arguments(parser)
@@ -352,20 +360,22 @@ def add_parser(subparsers) -> None:
 def main(args) -> int:
     from .stage import run_stage
 
-    return run_stage(args, stage="filter", section="filter", config_cls=FilterConfig, body=_body)
+    return run_stage(
+        args,
+        stage="filter",
+        section="filter",
+        config_cls=FilterConfig,
+        body=_body,
+        flags={
+            "synthesized_file": args.input,
+            "seed_file": args.seed_file,
+            "output_file": args.output,
+        },
+    )
 
 
 def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg: FilterConfig = ctx.config
-    args = ctx.args
-    for flag, name in (
-        ("input", "synthesized_file"),
-        ("seed_file", "seed_file"),
-        ("output", "output_file"),
-    ):
-        value = getattr(args, flag, None) if args is not None else None
-        if value is not None:
-            setattr(cfg, name, value)
     outcome = run_filter(cfg, resolve=ctx.path)
     for name in ("stats", "review_html", "review_csv"):
         ctx.log_artifact(outcome.outputs[name], "filter")

@@ -68,7 +68,7 @@ def default_base_model(ctx) -> str:
     if not path.exists():
         raise FileNotFoundError(
             f"GRPO starts from the SFT model, but {path} does not exist: run `facial-r1 sft` "
-            "first, or set grpo.base_model (or --base-model)"
+            "first, or set grpo.base_model (or --model)"
         )
     return str(path)
 

@@ -1,4 +1,4 @@
-"""``make pipeline``: every Facial-R1 stage in sequence on one machine, without Airflow.
+"""``facial-r1 pipeline-local`` (``make pipeline``): every stage in sequence, without Airflow.
 
 build model -> demo faces -> seed data -> SFT -> GRPO -> synthesis -> filter -> second SFT ->
 evaluation. Each stage runs as its own ``facial-r1 <stage>`` process (exactly what the DAG runs),
@@ -11,8 +11,8 @@ The last stdout line is one JSON object: the final evaluation metrics, the synth
 the stage times and whether the quality gates held (format >= 0.9, emotion accuracy >= 0.6,
 AU F1 micro >= 0.6, synthesis accepted > 0). ``--strict`` turns a failed gate into exit code 1.
 
-    python -m facial_r1_training.pipeline_local --config configs/tiny-cpu.yaml
-    python -m facial_r1_training.pipeline_local --from sft2     # reuse earlier results
+    facial-r1 pipeline-local --config configs/tiny-cpu.yaml
+    facial-r1 pipeline-local --from sft2     # reuse earlier results
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _log(message: str) -> None:
 class Runner:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.work = Path(args.work_dir)
+        self.work = Path(args.output_dir)
         self.results_dir = self.work / "results"
         self.logs = self.work / "logs"
         self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -186,17 +186,15 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         faces = step("demo_faces", lambda: ["data", "demo-faces", "--no-progress"])
         train_file = Path(_output(faces, "train_jsonl", "train"))
         test_file = Path(_output(faces, "test_jsonl", "test"))
-        seed = step(
-            "seed", lambda: ["data", "seed-sft", "--input", str(train_file), "--no-progress"]
-        )
+        seed = step("seed", lambda: ["data", "seed-sft", str(train_file), "--no-progress"])
         seed_file = Path(_output(seed, "seed_jsonl", "seed", "output"))
         sft1 = step(
             "sft1",
             lambda: [
                 "sft",
-                "--train-file",
+                "--input",
                 str(seed_file),
-                "--base-model",
+                "--model",
                 tiny,
                 "--output-dir",
                 str(runner.work / "sft1"),
@@ -207,9 +205,9 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             "grpo",
             lambda: [
                 "grpo",
-                "--train-file",
+                "--input",
                 str(train_file),
-                "--base-model",
+                "--model",
                 _output(sft1, "model"),
                 "--output-dir",
                 str(runner.work / "grpo"),
@@ -225,14 +223,13 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             pool, pool_n = write_pool(train_file, seed_file)
         synth = step(
             "synthesis",
-            lambda: ["synthesize", "--input", str(pool), "--model", grpo_model, *fresh],
-            (f"synthesis.work_dir={runner.work / 'synthesis'}",),
+            lambda: ["synthesize", str(pool), "--model", grpo_model, *fresh],
+            (f"synthesize.work_dir={runner.work / 'synthesis'}",),
         )
         flt = step(
             "filter",
             lambda: [
                 "filter",
-                "--input",
                 _output(synth, "accepted"),
                 "--seed-file",
                 str(seed_file),
@@ -247,9 +244,9 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             "sft2",
             lambda: [
                 "sft",
-                "--train-file",
+                "--input",
                 _output(flt, "train"),
-                "--base-model",
+                "--model",
                 grpo_model,
                 "--output-dir",
                 str(runner.work / "sft2"),
@@ -264,7 +261,6 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
                 "evaluate",
                 "--model",
                 _output(sft2, "model"),
-                "--test-file",
                 str(test_file),
                 "--output-dir",
                 str(runner.work / "evaluate"),
@@ -318,14 +314,31 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m facial_r1_training.pipeline_local",
-        description="Run every Facial-R1 stage in sequence locally (no Airflow) and print the "
-        "final metrics as JSON on the last line.",
+DESCRIPTION = (
+    "Run every Facial-R1 stage in sequence locally (no Airflow) and print the final metrics as "
+    "JSON on the last line."
+)
+
+
+def add_parser(subparsers) -> None:
+    """``facial-r1 pipeline-local`` (what ``make pipeline`` runs)."""
+    parser = subparsers.add_parser(
+        "pipeline-local",
+        help="every stage in sequence without Airflow; last line = final metrics JSON",
+        description=DESCRIPTION,
     )
+    build_arguments(parser)
+    parser.set_defaults(func=_handler)
+
+
+def build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from facial_r1_core.cli import deprecated_flag
+
     parser.add_argument("--config", default="configs/tiny-cpu.yaml", help="profile YAML")
-    parser.add_argument("--work-dir", default="runs/pipeline", help="results, logs, models")
+    parser.add_argument(
+        "--output-dir", default="runs/pipeline", help="results, logs, models (a folder)"
+    )
+    deprecated_flag(parser, "--work-dir", dest="output_dir", new="--output-dir")
     parser.add_argument(
         "--from",
         dest="start",
@@ -356,7 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a quality gate fails")
     parser.add_argument("--no-mlflow", action="store_true", help="no parent MLflow run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m facial_r1_training.pipeline_local", description=DESCRIPTION
+    )
+    return _handler(build_arguments(parser).parse_args(argv))
+
+
+def _handler(args: argparse.Namespace) -> int:
     try:
         summary = run_pipeline(args)
     except (RuntimeError, FileNotFoundError, KeyError) as exc:

@@ -45,7 +45,7 @@ log = logging.getLogger("facial_r1.synthesis")
 
 @dataclass
 class SynthesisConfig:
-    """The ``synthesis`` section of a profile (documented in configs/README.md)."""
+    """The ``synthesize`` section of a profile (documented in configs/README.md)."""
 
     input_file: str = ""
     model_path: str = ""
@@ -497,7 +497,7 @@ def run(
 ) -> tuple[SynthesisSummary, dict[str, str]]:
     """Synthesis end to end for a config and a backend; returns the summary and output paths."""
     if not cfg.input_file:
-        raise ValueError("synthesis.input_file is not set")
+        raise ValueError("synthesize.input_file is not set (or pass INPUT)")
     input_file = Path(cfg.input_file)
     if not input_file.is_file():
         raise FileNotFoundError(f"synthesis input not found: {input_file}")
@@ -565,6 +565,8 @@ def prompt_emotions(configured: list[str] | None) -> list[str]:
 
 
 def add_parser(subparsers) -> None:
+    from facial_r1_core.cli import positional_input
+
     from .stage import add_stage_arguments
 
     parser = subparsers.add_parser(
@@ -573,15 +575,17 @@ def add_parser(subparsers) -> None:
         description=(
             "For each input record: prompt = inference prompt + ground-truth block; sample; "
             "check with the core filter; retry rejected samples with the reflective error "
-            "block (up to synthesis.max_retries). Batched over all pending samples, resumable "
+            "block (up to synthesize.max_retries). Batched over all pending samples, resumable "
             "from a journal. Writes accepted records (description = the completion) and "
             "rejected records with reasons and attempt counts."
         ),
     )
-    parser.add_argument("--input", help="input JSONL (overrides synthesis.input_file)")
-    parser.add_argument("--model", help="model folder or hub id (overrides synthesis.model_path)")
-    parser.add_argument("--output", help="accepted JSONL (overrides synthesis.output_file)")
-    parser.add_argument("--limit", type=int, help="at most N input records (synthesis.limit)")
+    positional_input(
+        parser, "input", "--input", metavar="INPUT", help="input JSONL (synthesize.input_file)"
+    )
+    parser.add_argument("--model", help="model folder or hub id (synthesize.model_path)")
+    parser.add_argument("--output", help="accepted JSONL (synthesize.output_file)")
+    parser.add_argument("--limit", type=int, help="at most N input records (synthesize.limit)")
     parser.add_argument(
         "--fresh", action="store_true", help="ignore an existing journal and start over"
     )
@@ -593,7 +597,17 @@ def main(args) -> int:
     from .stage import run_stage
 
     return run_stage(
-        args, stage="synthesize", section="synthesis", config_cls=SynthesisConfig, body=_body
+        args,
+        stage="synthesize",
+        section="synthesize",
+        config_cls=SynthesisConfig,
+        body=_body,
+        flags={
+            "input_file": args.input,
+            "model_path": args.model,
+            "output_file": args.output,
+            "limit": args.limit,
+        },
     )
 
 
@@ -602,17 +616,8 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
 
     cfg: SynthesisConfig = ctx.config
     args = ctx.args
-    for flag, name in (
-        ("input", "input_file"),
-        ("model", "model_path"),
-        ("output", "output_file"),
-        ("limit", "limit"),
-    ):
-        value = getattr(args, flag, None) if args is not None else None
-        if value is not None:
-            setattr(cfg, name, value)
     if not cfg.model_path:
-        raise ValueError("synthesis.model_path is not set (or pass --model)")
+        raise ValueError("synthesize.model_path is not set (or pass --model)")
     cfg.input_file = str(ctx.path(cfg.input_file)) if cfg.input_file else ""
     for name in ("output_file", "rejected_file"):
         if getattr(cfg, name):
