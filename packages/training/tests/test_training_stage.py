@@ -6,9 +6,9 @@ import argparse
 import json
 
 import pytest
-from facial_r1_core.config import ConfigError
+from facial_r1_core.config import ConfigError, from_section
 from facial_r1_training import stage
-from facial_r1_training.configs import GRPOStageConfig, SFTStageConfig, parse_sections
+from facial_r1_training.configs import GRPOStageConfig, ModelStageConfig, SFTStageConfig
 from facial_r1_training.testing import write_profile
 
 
@@ -32,6 +32,17 @@ def profile(tmp_path, tracking, monkeypatch):
             "sft": {"max_steps": 7, "learning_rate": 0.01, "train_file": ["a.jsonl"]},
         },
     )
+
+
+def parse_sections(profile):
+    """Every training section of a profile, typed (what each stage builds from its section)."""
+    sections = {"model": ModelStageConfig, "sft": SFTStageConfig, "grpo": GRPOStageConfig}
+    parsed = {
+        name: from_section(cls, profile.get(name) or {}, name=name)
+        for name, cls in sections.items()
+    }
+    parsed["model"].tiny_spec()
+    return parsed
 
 
 def parse(argv):

@@ -301,8 +301,3 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Record | dict[str, Any]]
             handle.write(json.dumps(data, ensure_ascii=False) + "\n")
             count += 1
     return count
-
-
-def dataset_jsonl_path(root: str | os.PathLike, dataset: str) -> Path:
-    """``<root>/<dataset>.jsonl`` of the paper's layout."""
-    return Path(root) / f"{dataset}.jsonl"

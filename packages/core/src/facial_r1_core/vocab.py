@@ -179,11 +179,6 @@ def sort_aus(codes: Iterable[str]) -> list[str]:
     return sorted(set(codes), key=au_number)
 
 
-def is_known_au(code: str) -> bool:
-    """True for an AU of the prompt list or of the datasets' extra list."""
-    return code in AU_NAMES
-
-
 def normalize_emotion(value: str) -> str:
     """Normalise a dataset's or model's emotion spelling to our lower-case noun.
 

@@ -669,7 +669,3 @@ def mark_failed(context: Mapping[str, Any]) -> None:
         )
     except Exception:
         log.exception("could not mark the iteration's MLflow run as failed")
-
-
-def stage_names() -> Sequence[str]:
-    return tuple(STAGE_SECTION)

@@ -174,24 +174,5 @@ class GRPOStageConfig(TrainerCommon):
         return [float(self.reward_weights.get(name, 1.0)) for name in REWARD_NAMES]
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelStageConfig,
-    "sft": SFTStageConfig,
-    "grpo": GRPOStageConfig,
-}
-
-
-def parse_sections(profile: dict[str, Any]) -> dict[str, Any]:
-    """Build every training section of a resolved profile (raises ConfigError on bad keys)."""
-    from facial_r1_core.config import from_section
-
-    parsed = {
-        name: from_section(cls, profile.get(name) or {}, name=name)
-        for name, cls in SECTIONS.items()
-    }
-    parsed["model"].tiny_spec()
-    return parsed
-
-
 def as_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)

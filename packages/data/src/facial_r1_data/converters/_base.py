@@ -148,7 +148,3 @@ def parse_code_map(text: str | None, option: str) -> dict[str, str]:
         key, value = part.split("=", 1)
         result[key.strip()] = value.strip()
     return result
-
-
-def in_split(record_split: str, wanted: str) -> bool:
-    return wanted == "all" or record_split == wanted

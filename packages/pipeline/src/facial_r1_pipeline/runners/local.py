@@ -62,13 +62,11 @@ class LocalRunner:
         executable: str | os.PathLike | None = None,
         env: Mapping[str, str] | None = None,
         echo: Callable[[str], None] | None = None,
-        timeout_s: float | None = None,
     ):
         self.repo = Path(repo).resolve()
         self.executable = Path(executable) if executable else default_executable(self.repo)
         self.extra_env = dict(env or {})
         self.echo = echo or _echo
-        self.timeout_s = timeout_s
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -153,8 +151,6 @@ class LocalRunner:
                     tail.append(line)
                     log_file.write(line + "\n")
                     self.echo(f"[{spec.stage}] {line}")
-                    if self.timeout_s and time.monotonic() - started > self.timeout_s:
-                        proc.terminate()
                 code = proc.wait()
             except BaseException:
                 # Airflow killing the task: stop the child politely so it can save a checkpoint.
