@@ -64,6 +64,9 @@ def test_malformed_lines_are_counted_not_fatal_and_do_not_shift(tmp_path, capsys
         ],
     )
     code = main(["score", str(src), "--output", str(out), "--json"])
+    assert code == 2 and not out.exists()  # the default: stop before any work
+    assert f"{src}:3: missing field 'completion'" in capsys.readouterr().err
+    code = main(["score", str(src), "--output", str(out), "--json", "--skip-bad-records"])
     assert code == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])

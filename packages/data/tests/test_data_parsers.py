@@ -139,10 +139,7 @@ def _affectnet_csv(path: Path, rows: int) -> None:
 
 def test_convert_memory_stays_flat(tmp_path, monkeypatch):
     """Peak traced memory barely grows with 6x the rows: streaming, and the duplicate-id index
-    costs about 8 bytes per record (merged into a sorted array every FLUSH ids)."""
-    from facial_r1_data.checks import IdIndex
-
-    monkeypatch.setattr(IdIndex, "FLUSH", 512)
+    costs about 16 bytes per record (packed bytes in fixed buckets)."""
     warm = tmp_path / "warm"
     warm.mkdir()
     _affectnet_csv(warm / "training.csv", 8000)  # pays one-time growth (e.g. the intern table)

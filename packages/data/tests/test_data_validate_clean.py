@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from facial_r1_core.schema import Record, record_id
-from facial_r1_data.checks import LineChecker
+from facial_r1_core.schema import Record, RecordReader
 from facial_r1_data.clean import clean
 from facial_r1_data.validate import validate
 from hypothesis import given, settings
@@ -55,8 +54,8 @@ def make_root(tmp_path: Path) -> tuple[Path, dict[int, str]]:
         7: ("duplicate_id", good[0].to_json()),
         8: ("missing_label", Record.create(dataset="D", image="noann.png", question="q").to_json()),
         9: (
-            "unknown_au",
-            Record.create(dataset="D", image="au99.png", question="q", AUs=["AU99"]).to_json(),
+            "unknown_label",
+            json.dumps({"dataset": "D", "image": "au99.png", "question": "q", "AUs": ["AU99"]}),
         ),
         10: (
             "bad_id",
@@ -80,13 +79,9 @@ def test_validate_finds_every_error(tmp_path):
     assert report["records"] == 13
     assert report["ok"] is False
     got = {(e["file"], e["line"]): e["error"] for e in report["examples"]}
-    expected = {
-        ("E.jsonl", n): k
-        for n, k in kinds.items()
-        if k not in ("missing_label", "unknown_au", "bad_id")
-    }
+    expected = {("E.jsonl", n): k for n, k in kinds.items() if k not in ("missing_label", "bad_id")}
     assert got == expected
-    assert report["warnings_by_kind"] == {"id_mismatch": 1, "unknown_au": 1}
+    assert report["warnings_by_kind"] == {"id_mismatch": 1}
     strict = validate(root, strict_ids=True, across_files=True)
     assert strict["errors_by_kind"]["bad_id"] == 1
     per_file = validate(root)  # line 7 repeats an id of D_train.jsonl, not of E.jsonl
@@ -130,11 +125,7 @@ def test_clean_quarantines_with_reasons(tmp_path):
     result = clean(root / "E.jsonl", root / "E_clean.jsonl")
     quarantine = [json.loads(x) for x in Path(result["quarantine_file"]).read_text().splitlines()]
     got = {q["source"]["line"]: q["reason"] for q in quarantine}
-    expected = {
-        n: ("unknown_label" if k == "unknown_au" else k)
-        for n, k in kinds.items()
-        if k not in ("duplicate_id", "bad_id")
-    }
+    expected = {n: k for n, k in kinds.items() if k not in ("duplicate_id", "bad_id")}
     # line 7 repeats an id of another file: within E.jsonl it is the first, so it is kept
     assert got == expected
     kept = (root / "E_clean.jsonl").read_text().splitlines()
@@ -146,13 +137,19 @@ def test_clean_quarantines_with_reasons(tmp_path):
     assert (root / "E.jsonl").read_text().count("\n") == 10  # input untouched
 
 
-def test_clean_duplicates_and_keep_unknown_aus(tmp_path):
-    rec = Record.create(dataset="D", image="a.png", question="q", AUs=["AU99"])
-    (tmp_path / "in.jsonl").write_text(rec.to_json() + "\n" + rec.to_json() + "\n")
-    result = clean(
-        tmp_path / "in.jsonl", tmp_path / "out.jsonl", images=False, keep_unknown_aus=True
+def test_clean_one_au_rule_and_duplicates(tmp_path):
+    """A real FACS code outside the prompt's list (AU45) is kept, an impossible one (AU99) is
+    quarantined with the same message every verb gives; a repeated id is quarantined."""
+    rec = Record.create(dataset="D", image="a.png", question="q", AUs=["AU45"])
+    au99 = {"dataset": "D", "image": "b.png", "question": "q", "AUs": ["AU99"]}
+    (tmp_path / "in.jsonl").write_text(
+        rec.to_json() + "\n" + rec.to_json() + "\n" + json.dumps(au99) + "\n"
     )
-    assert result["kept"] == 1 and result["quarantined_by_reason"] == {"duplicate_id": 1}
+    result = clean(tmp_path / "in.jsonl", tmp_path / "out.jsonl", images=False)
+    assert result["kept"] == 1
+    assert result["quarantined_by_reason"] == {"duplicate_id": 1, "unknown_label": 1}
+    quarantine = Path(result["quarantine_file"]).read_text()
+    assert "AU99 is not a FACS Action Unit" in quarantine
 
 
 record_dicts = st.fixed_dictionaries(
@@ -184,21 +181,21 @@ record_dicts = st.fixed_dictionaries(
 
 @settings(max_examples=300, deadline=None)
 @given(record_dicts)
-def test_line_checker_agrees_with_core_schema(data):
-    """The fast path accepts exactly what Record.from_dict accepts."""
-    ok = LineChecker().check(json.dumps(data)).ok
+def test_reader_agrees_with_core_schema_and_normalises_once(tmp_path_factory, data):
+    """The reader accepts exactly what Record.from_dict accepts; what it writes (to_json) reads
+    back as the same record, already in canonical form."""
+    path = tmp_path_factory.mktemp("r") / "x.jsonl"
+    path.write_text(json.dumps(data) + "\n")
+    [res] = list(RecordReader().read(path))
     try:
-        Record.from_dict(data)
-        core_ok = True
+        expected = Record.from_dict(data)
     except ValueError:
-        core_ok = False
-    assert ok == core_ok
-
-
-def test_line_checker_reports_id_warning():
-    good = Record.create(dataset="D", image="a.png", question="q", labels=["sad"]).to_dict()
-    assert LineChecker().check(json.dumps(good)).warnings == []
-    good["id"] = "abc"
-    res = LineChecker().check(json.dumps(good))
-    assert res.ok and "md5" in res.warnings[0]
-    assert record_id("D", "a.png", "q") in res.warnings[0]
+        expected = None
+    assert res.ok == (expected is not None)
+    if expected is not None:
+        assert res.record == expected
+        path.write_text(res.to_json() + "\n")
+        [again] = list(RecordReader().read(path))
+        assert again.ok and again.canonical and again.record == expected
+    else:
+        assert res.code in ("schema_error", "unknown_label", "unsafe_path")

@@ -1,9 +1,12 @@
 """``facial-r1 score``: parse, reward and filter completions in a JSONL file.
 
 Each input line holds ``completion`` plus the record's ``AUs`` and ``labels``; every other field
-passes through. A malformed line is reported with its number and counted; it never stops the run
-and never shifts the other lines. Exit 0 when all lines scored, 1 when some were malformed,
-2 on usage errors.
+passes through (``AUs`` and ``labels`` normalised, as for every record). Lines are read by core's
+one reader: a line longer than the line-size limit, invalid UTF-8 or JSON, a wrong type or an
+unknown label/AU is reported with file, line and field, and the run stops with exit 2 before
+anything is scored. With ``--skip-bad-records`` such lines are reported and counted instead, never
+shifting the other lines (exit 1). Exit 0 when all lines scored; 2 on usage errors, or when the
+output would overwrite the input.
 """
 
 from __future__ import annotations
@@ -18,24 +21,25 @@ from typing import Any
 from .filter import check
 from .metrics import au_metrics, emotion_metrics
 from .rewards import VARIANTS, score
-from .schema import atomic_write
-from .vocab import UnknownLabelError, normalize_au, try_normalize_emotion
+from .schema import (
+    BadInputError,
+    InputError,
+    RecordError,
+    add_skip_bad_records_argument,
+    atomic_write,
+    aus_field,
+    ensure_not_input,
+    iter_raw_lines,
+    labels_field,
+    max_line_bytes,
+    parse_json_line,
+)
 
 EXIT_OK, EXIT_MALFORMED, EXIT_USAGE = 0, 1, 2
 
 
 class MalformedLineError(ValueError):
     pass
-
-
-def _string_list(value: Any, name: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise MalformedLineError(f"field '{name}' must be a list of strings, got {value!r}")
-    return value
 
 
 def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
@@ -55,15 +59,11 @@ def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
         raise MalformedLineError(
             f"field 'completion' must be a string, got {type(completion).__name__}"
         )
-    aus = _string_list(row.get("AUs"), "AUs")
-    labels = _string_list(row.get("labels"), "labels")
     try:
-        aus = [normalize_au(a) for a in aus]
-    except UnknownLabelError as exc:
-        raise MalformedLineError(f"field 'AUs': {exc}") from None
-    unknown = [x for x in labels if try_normalize_emotion(x) is None]
-    if unknown:
-        raise MalformedLineError(f"field 'labels': unknown emotion label(s) {unknown}")
+        aus = aus_field(row.get("AUs"))[0]
+        labels = labels_field(row.get("labels"))[0]
+    except RecordError as exc:
+        raise MalformedLineError(str(exc)) from None
     try:
         verdict = check(completion, aus, labels)
         rewards = score(completion, aus, labels, variant, parsed=verdict.parsed)
@@ -71,16 +71,85 @@ def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
         raise MalformedLineError(f"field 'completion': {exc}") from None
     return {
         **row,
+        "AUs": aus,
+        "labels": labels,
         "parsed": verdict.parsed.to_dict(),
         "rewards": rewards,
         "filter": verdict.to_dict(),
     }
 
 
+def _scored_lines(input_path, variant: str):
+    """``(line, scored_row, error_text)`` for each non-blank line, through core's reader."""
+    limit = max_line_bytes()
+    for number, raw, oversize in iter_raw_lines(input_path, limit):
+        if oversize is not None:
+            yield number, None, f"line is {oversize} bytes, longer than the limit of {limit}"
+            continue
+        try:
+            row = parse_json_line(raw)
+        except RecordError as exc:
+            yield number, None, exc.reason
+            continue
+        try:
+            yield number, score_row(row, variant), None
+        except MalformedLineError as exc:
+            yield number, None, str(exc)
+
+
+def check_file(input_path: str | Path) -> None:
+    """Stop with :class:`BadInputError` (exit 2) when any line cannot be scored."""
+    errors: list[RecordError] = []
+    total = 0
+    limit = max_line_bytes()
+    for number, raw, oversize in iter_raw_lines(input_path, limit):
+        try:
+            if oversize is not None:
+                raise RecordError(
+                    f"line is {oversize} bytes, longer than the limit of {limit} bytes",
+                    code="line_too_long",
+                )
+            row = parse_json_line(raw)
+            _check_fields(row)
+        except (RecordError, MalformedLineError) as exc:
+            total += 1
+            if len(errors) < 1000:
+                message = exc.reason if isinstance(exc, RecordError) else str(exc)
+                errors.append(RecordError(message, path=input_path, line=number))
+    if total:
+        raise BadInputError(errors, total=total, hint="or pass --skip-bad-records to skip them")
+
+
+def _check_fields(row: Any) -> None:
+    if not isinstance(row, dict):
+        raise MalformedLineError(f"expected a JSON object, got {type(row).__name__}")
+    completion = row.get("completion")
+    if "completion" not in row:
+        raise MalformedLineError("missing field 'completion'")
+    if not isinstance(completion, str | list):
+        raise MalformedLineError(
+            f"field 'completion' must be a string, got {type(completion).__name__}"
+        )
+    try:
+        aus_field(row.get("AUs"))
+        labels_field(row.get("labels"))
+    except RecordError as exc:
+        raise MalformedLineError(str(exc)) from None
+
+
 def score_file(
-    input_path: str | Path, output_path: str | Path, variant: str = "paper", *, echo=None
+    input_path: str | Path,
+    output_path: str | Path,
+    variant: str = "paper",
+    *,
+    echo=None,
+    skip_bad: bool = True,
 ) -> dict[str, Any]:
-    """Score every line of ``input_path`` into ``output_path`` (atomic); returns the summary."""
+    """Score every line of ``input_path`` into ``output_path`` (atomic); returns the summary.
+
+    ``skip_bad=False`` first checks every line and raises :class:`BadInputError` on any bad one
+    (the command's default); with ``skip_bad`` bad lines are counted in ``malformed``.
+    """
     started = time.perf_counter()
     read = scored = 0
     malformed: list[dict[str, Any]] = []
@@ -90,36 +159,29 @@ def score_file(
     emo_pred: list[str | None] = []
     au_true: list[list[str]] = []
     au_pred: list[list[str]] = []
-    with open(input_path, encoding="utf-8") as src, atomic_write(output_path) as dst:
-        for number, text in enumerate(src, start=1):
-            if not text.strip():
-                continue
+    ensure_not_input([output_path], [input_path], "score")
+    if not skip_bad:
+        check_file(input_path)
+    with atomic_write(output_path) as dst:
+        for number, out, error in _scored_lines(input_path, variant):
             read += 1
-            try:
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise MalformedLineError(
-                        f"invalid JSON: {exc.msg} at column {exc.colno}"
-                    ) from None
-                out = score_row(row, variant)
-            except MalformedLineError as exc:
-                malformed.append({"line": number, "error": str(exc)})
+            if out is None:
+                malformed.append({"line": number, "error": error})
                 if echo:
-                    echo(f"{input_path}:{number}: malformed line: {exc}")
+                    echo(f"{input_path}:{number}: malformed line: {error}")
                 continue
             scored += 1
             dst.write(json.dumps(out, ensure_ascii=False) + "\n")
             for key in sums:
                 sums[key] += out["rewards"][key]
             accepted += out["filter"]["accepted"]
-            labels = [try_normalize_emotion(x) for x in out.get("labels") or []]
+            labels = out["labels"]
             if len(labels) == 1:
                 emo_true.append(labels[0])
                 predicted = out["parsed"]["emotion"]
                 emo_pred.append(predicted[0] if len(predicted) == 1 else None)
-            if out.get("AUs"):
-                au_true.append([normalize_au(a) for a in out["AUs"]])
+            if out["AUs"]:
+                au_true.append(out["AUs"])
                 au_pred.append(out["parsed"]["aus"])
     elapsed = time.perf_counter() - started
     aus = au_metrics(au_true, au_pred) if au_true else None
@@ -190,6 +252,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print the summary as one JSON object on the last line"
     )
+    add_skip_bad_records_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -197,9 +260,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         print(f"facial-r1 score: input not found: {args.input}", file=sys.stderr)
         return EXIT_USAGE
-    summary = score_file(
-        args.input, args.output, args.reward_variant, echo=lambda m: print(m, file=sys.stderr)
-    )
+    try:
+        summary = score_file(
+            args.input,
+            args.output,
+            args.reward_variant,
+            echo=lambda m: print(m, file=sys.stderr),
+            skip_bad=args.skip_bad_records,
+        )
+    except InputError as exc:
+        print(f"facial-r1 score: bad input: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(summary))
     else:

@@ -53,7 +53,7 @@ from typing import Any
 
 from .config import ConfigError, apply_overrides, config_hash, from_section, load_profile
 from .config import add_stage_arguments as add_stage_arguments  # re-exported for stages
-from .schema import atomic_write
+from .schema import InputError, RecordError, atomic_write
 from .tracking import project_home
 
 log = logging.getLogger("facial_r1.stage")
@@ -385,8 +385,9 @@ def run_stage(
 ) -> int:
     """Run ``body(ctx) -> (outputs, metrics)`` as a tracked stage; returns the exit code.
 
-    Configuration errors exit 2 (nothing is tracked); any other failure exits 1 after the run is
-    marked FAILED. On success the result JSON is printed as the last line of stdout.
+    Configuration errors exit 2 (nothing is tracked), and so does bad input (records that break
+    the schema, an output that would overwrite an input); any other failure exits 1 after the
+    run is marked FAILED. On success the result JSON is printed as the last line of stdout.
     """
     _setup_logging()
     try:
@@ -403,6 +404,9 @@ def run_stage(
             result = ctx.finish(outputs, metrics)
     except ConfigError as exc:
         print(f"facial-r1 {stage}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (InputError, RecordError) as exc:  # bad input: the message names file, line, field
+        print(f"facial-r1 {stage}: bad input: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"facial-r1 {stage}: interrupted", file=sys.stderr)

@@ -170,6 +170,36 @@ def normalize_au(value: str | int) -> str:
     return f"AU{number}"
 
 
+# Every Action Unit number of the Facial Action Coding System: main codes 1-2, 4-39 and 41-46,
+# head positions 51-58, eye positions 61-66. A record may carry any of them (datasets annotate
+# AUs beyond the prompt's list); any other number (AU3, AU40, AU99 ...) is not an Action Unit and
+# is rejected by every verb with the same message (see :func:`record_au`).
+FACS_AU_NUMBERS: frozenset[int] = frozenset(
+    [1, 2, *range(4, 40), *range(41, 47), *range(51, 59), *range(61, 67)]
+)
+
+
+def record_au(value: str | int) -> str:
+    """Normalise an AU code of a record: :func:`normalize_au`, then a FACS number is required.
+
+    The one AU rule of every verb: AUs of the prompt list and other real FACS codes are kept;
+    impossible codes are an error.
+
+    >>> record_au("au 45"), record_au(12)
+    ('AU45', 'AU12')
+    >>> record_au("AU99")
+    Traceback (most recent call last):
+    ...
+    facial_r1_core.vocab.UnknownLabelError: AU99 is not a FACS Action Unit (valid: 1-2, ...)
+    """
+    code = normalize_au(value)
+    if int(code[2:]) not in FACS_AU_NUMBERS:
+        raise UnknownLabelError(
+            f"{code} is not a FACS Action Unit (valid: 1-2, 4-39, 41-46, 51-58, 61-66)"
+        )
+    return code
+
+
 def sort_aus(codes: Iterable[str]) -> list[str]:
     """Deduplicate and sort normalised AU codes by number.
 

@@ -10,8 +10,9 @@ its emotion and AU factors; fractional factors are rounded stochastically. ``--m
 (default 10) caps oversampling. Everything is deterministic by ``--seed``.
 
 Copies keep their id and carry ``meta_info.copy = k`` (k >= 1) so ``validate`` and ``clean`` know
-them. The report holds the before/after histograms and a PNG plot of them. Two streaming passes:
-memory is a few bytes per record.
+them. Bad lines (the one reader's checks, duplicate ids included) go to a quarantine JSONL with
+their reason: written = read - quarantined - dropped + copies. The report holds the before/after
+histograms and a PNG plot of them. Two streaming passes: memory is about 16 bytes per record.
 """
 
 from __future__ import annotations
@@ -30,24 +31,14 @@ from .report import eprint, reports_dir, write_report
 
 
 def _records(path: Path):
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{number}: invalid JSON ({exc.msg}); run `facial-r1 data clean` first"
-                ) from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}:{number}: not a JSON object; run clean first")
-            yield number, data, text
+    """Core's one reader (both passes see the same results: bad lines are quarantined)."""
+    from facial_r1_core.schema import RecordReader
+
+    return RecordReader().read(path)
 
 
-def _emotion(d: dict[str, Any]) -> str | None:
-    labels = d.get("labels") or []
-    return labels[0] if len(labels) == 1 else None
+def _emotion(rec) -> str | None:
+    return rec.labels[0] if len(rec.labels) == 1 else None
 
 
 def resolve_target(counts: Counter, target: str | int) -> float:
@@ -129,21 +120,28 @@ def balance(
 
     if by not in ("emotion", "au", "both"):
         raise ValueError(f"--by must be emotion, au or both, got {by!r}")
+    from facial_r1_core.schema import ensure_not_input
+
+    from .report import QuarantineWriter
+
     source, out = Path(source), Path(out)
-    if source.resolve() == out.resolve():
-        raise ValueError("balance: --output must differ from the input")
+    r_path = Path(report) if report else reports_dir(out.parent) / f"{out.stem}.balance.json"
+    q_path = reports_dir(out.parent) / f"{out.stem}.balance.quarantine.jsonl"
+    ensure_not_input([out, r_path, q_path, r_path.with_suffix(".png")], [source], "balance")
     class_targets = class_targets or {}
     start = time.perf_counter()
     # pass 1: counts
     emo_counts: Counter[str] = Counter()
     au_counts: Counter[str] = Counter()
     n = 0
-    for _, d, _ in _records(source):
+    for res in _records(source):
         n += 1
-        emo = _emotion(d)
+        if res.error is not None:
+            continue
+        emo = _emotion(res.record)
         if emo:
             emo_counts[emo] += 1
-        au_counts.update(d.get("AUs") or [])
+        au_counts.update(res.record.AUs)
     emo_target = resolve_target(emo_counts, target)
     au_target = resolve_target(au_counts, target)
 
@@ -161,11 +159,22 @@ def balance(
     # pass 2: emit
     after_emo: Counter[str] = Counter()
     after_au: Counter[str] = Counter()
-    written = dropped = copies = 0
-    with atomic_write(out) as fout:
-        for _, d, text in _records(source):
-            emo = _emotion(d)
-            aus = d.get("AUs") or []
+    written = dropped = copies = quarantined = 0
+    by_reason: Counter[str] = Counter()
+    with atomic_write(out) as fout, atomic_write(q_path) as fq:
+        qw = QuarantineWriter(fq)
+        for res in _records(source):
+            if res.error is not None:
+                quarantined += 1
+                by_reason[res.code] += 1
+                err = res.error
+                fld = f"field '{err.field}': " if err.field else ""
+                raw = res.data if res.data is not None else res.raw
+                qw.write(err.code, fld + err.reason, {"file": source.name, "line": res.line}, raw)
+                continue
+            rec = res.record
+            emo = _emotion(rec)
+            aus = rec.AUs
             if by == "emotion":
                 if emo is None:
                     mult = 1
@@ -185,8 +194,8 @@ def balance(
             if mult == 0:
                 dropped += 1
                 continue
-            line = text.rstrip("\n")
-            fout.write(line + "\n")
+            fout.write(res.to_json() + "\n")
+            d = json.loads(res.to_json()) if mult > 1 else None
             for k in range(1, mult):
                 meta = dict(d.get("meta_info") or {})
                 meta["copy"] = k
@@ -197,9 +206,11 @@ def balance(
                 after_emo[emo] += mult
             for a in aus:
                 after_au[a] += mult
-    if written != n - dropped + copies:
-        raise AssertionError(f"written {written} != read {n} - dropped {dropped} + copies {copies}")
-    r_path = Path(report) if report else reports_dir(out.parent) / f"{out.stem}.balance.json"
+    if written != n - quarantined - dropped + copies:
+        raise AssertionError(
+            f"written {written} != read {n} - quarantined {quarantined} - dropped {dropped} "
+            f"+ copies {copies}"
+        )
     result: dict[str, Any] = {
         "command": "balance",
         "input": str(source),
@@ -213,10 +224,14 @@ def balance(
         else {"emotion": emo_goal},
         "read": n,
         "written": written,
+        "quarantined": quarantined,
+        "quarantined_by_reason": dict(sorted(by_reason.items())),
+        "quarantine_file": str(q_path),
         "dropped": dropped,
         "copies_added": copies,
         "reconciles": True,
-        "statement": f"written {written} = read {n} - dropped {dropped} + copies {copies}",
+        "statement": f"written {written} = read {n} - quarantined {quarantined} - dropped "
+        f"{dropped} + copies {copies}",
         "before": {
             "emotions": dict(sorted(emo_counts.items())),
             "aus": dict(sorted(au_counts.items(), key=lambda kv: int(kv[0][2:]))),

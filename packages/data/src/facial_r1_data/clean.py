@@ -1,10 +1,12 @@
 """``facial-r1 data clean IN.jsonl --output OUT.jsonl``: the paper's D.2 cleaning step.
 
-Moves every bad record to a quarantine JSONL with its reason and keeps the rest: invalid JSON,
-schema errors, unsafe image paths, unknown emotion labels or AU codes (AUs outside the AU
-vocabulary too, unless ``--keep-unknown-aus``), missing labels (no emotion, no AU and no
-``meta_info.aus_annotated``), duplicate ids, and missing or corrupt images (``--no-images``
-skips the image checks). read = kept + quarantined, always; the report says so.
+Reads the input through core's one reader and moves every bad record to a quarantine JSONL with
+its reason (the reader's codes: line_too_long, invalid_utf8, invalid_json, schema_error,
+unknown_label -- an unknown emotion or an impossible AU code such as AU99 --, unsafe_path -- incl.
+a symlink leaving the dataset folder --, duplicate_id; then missing_image and corrupt_image, and
+missing_label: no emotion, no AU and no ``meta_info.aus_annotated``). ``--no-images`` skips the
+image checks. Kept records are written in the schema's form (``"labels": "Happy"`` becomes
+``["happiness"]``). read = kept + quarantined, always; the report says so.
 
 Images resolve against the input's root (the JSONL's folder, or ``--root``); write OUT into the
 same root so that the cleaned file still finds them.
@@ -30,78 +32,54 @@ def clean(
     root: str | Path | None = None,
     images: bool = True,
     verify: str = "decode",
-    keep_unknown_aus: bool = False,
     quarantine: str | Path | None = None,
     report: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    from facial_r1_core.schema import atomic_write
-    from facial_r1_core.vocab import AU_NAMES
+    from facial_r1_core.schema import RecordReader, atomic_write, ensure_not_input
     from tqdm import tqdm
 
-    from .checks import IdIndex, LineChecker, has_annotation
-    from .images import ImageProblemError, check_image
+    from .checks import has_annotation
+    from .images import image_hook
 
     source, out = Path(source), Path(out)
-    if source.resolve() == out.resolve():
-        raise ValueError("clean: --output must differ from the input (the input stays untouched)")
     root = Path(root) if root else source.parent
     q_path = (
         Path(quarantine) if quarantine else reports_dir(out.parent) / f"{out.stem}.quarantine.jsonl"
     )
     r_path = Path(report) if report else reports_dir(out.parent) / f"{out.stem}.clean.json"
-    checker = LineChecker()
+    ensure_not_input([out, q_path, r_path], [source], "clean")
+    reader = RecordReader(
+        root=root if images else None, image_check=image_hook(verify) if images else None
+    )
     tally = Tally()
-    seen = IdIndex()
     start = time.perf_counter()
-    with open(source, "rb") as handle, atomic_write(out) as fout, atomic_write(q_path) as fq:
+    with atomic_write(out) as fout, atomic_write(q_path) as fq:
         qw = QuarantineWriter(fq)
-        for number, raw in enumerate(
-            tqdm(
-                handle,
-                desc=f"clean {source.name}",
-                unit="line",
-                disable=not progress,
-                mininterval=1.0,
-            ),
-            start=1,
-        ):
-            if not raw.strip():
-                continue
+        results = tqdm(
+            reader.read(source),
+            desc=f"clean {source.name}",
+            unit="line",
+            disable=not progress,
+            mininterval=1.0,
+        )
+        for res in results:
             tally.read_one()
-            src = {"file": source.name, "line": number}
-            text = raw.decode("utf-8", errors="replace").rstrip("\n")
-
-            def reject(reason: str, detail: str, data: Any = None, _src=src, _text=text) -> None:
-                tally.reject(reason)
-                qw.write(reason, detail, _src, data if data is not None else _text)
-
-            res = checker.check(raw, str(source), number)
-            if not res.ok:
-                fld = f"field '{res.field}': " if res.field else ""
-                reject(res.code, fld + res.message, res.data)
+            src = {"file": source.name, "line": res.line}
+            err = res.error
+            if err is not None:
+                tally.reject(err.code)
+                fld = f"field '{err.field}': " if err.field else ""
+                raw = res.data if res.data is not None else res.raw
+                qw.write(err.code, fld + err.reason, src, raw)
                 continue
-            d = res.data
-            unknown = [a for a in d.get("AUs") or () if checker._norm_au(a) not in AU_NAMES]
-            if unknown and not keep_unknown_aus:
-                reject("unknown_label", f"AUs outside the AU vocabulary: {unknown}", d)
+            rec = res.record
+            if not has_annotation(rec):
+                tally.reject("missing_label")
+                qw.write("missing_label", "no emotion label and no AU annotation", src, res.data)
                 continue
-            if not has_annotation(d):
-                reject("missing_label", "no emotion label and no AU annotation", d)
-                continue
-            if not res.is_copy and res.id_key in seen:
-                reject("duplicate_id", f"id {d.get('id')} already kept", d)
-                continue
-            if images:
-                try:
-                    check_image(root / d["dataset"] / d["image"], verify)
-                except ImageProblemError as problem:
-                    reject(problem.reason, problem.detail, d)
-                    continue
-            if not res.is_copy:
-                seen.add(res.id_key)
-            fout.write(text + "\n")
-            tally.keep(d.get("labels") or [], d.get("AUs") or [])
+            fout.write(res.to_json() + "\n")
+            tally.keep(rec.labels, rec.AUs)
         tally.check()
     wall = time.perf_counter() - start
     result = {
@@ -133,11 +111,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--root", type=Path, help="dataset root (default: the input's folder)")
     parser.add_argument("--no-images", action="store_true", help="skip image checks")
     parser.add_argument("--verify-images", default="decode", choices=VERIFY_MODES[:2])
-    parser.add_argument(
-        "--keep-unknown-aus",
-        action="store_true",
-        help="keep AUs outside the vocabulary instead of quarantining",
-    )
     parser.add_argument("--quarantine", type=Path, help="quarantine JSONL path")
     parser.add_argument("--report", type=Path, help="report path")
     parser.add_argument("--no-progress", action="store_true")
@@ -152,7 +125,6 @@ def main(args: argparse.Namespace) -> int:
             root=args.root,
             images=not args.no_images,
             verify=args.verify_images,
-            keep_unknown_aus=args.keep_unknown_aus,
             quarantine=args.quarantine,
             report=args.report,
             progress=not args.no_progress,

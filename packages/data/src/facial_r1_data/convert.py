@@ -78,8 +78,9 @@ def build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--images",
         default="link",
         choices=PLACE_MODES,
-        help="how images enter OUT/<Dataset>/: hard link (falls back to copy), copy, symlink, or "
-        "none = labels only, images neither checked nor placed (default link)",
+        help="how images enter OUT/<Dataset>/: hard link (falls back to copy), copy, or "
+        "none = labels only, images neither checked nor placed (default link); an image that "
+        "is a symlink resolving outside the source folders is quarantined (unsafe_path)",
     )
     parser.add_argument(
         "--verify-images",
@@ -139,12 +140,29 @@ def output_paths(out: Path, dataset: str, split: str, args) -> tuple[Path, Path,
     return jsonl, Path(report), Path(quarantine)
 
 
-def _place(item: Emit, out: Path, args) -> None:
+def source_folders(args) -> list[Path]:
+    """The folders a converter may take images from: the source (or its folder) and the
+    image-folder options. An image resolving outside all of them (a symlink) is unsafe."""
+    source = Path(args.source)
+    folders = [source.parent if source.is_file() else source]
+    for name in ("images_dir", "images_root", "affectnet_images", "manifest"):
+        value = getattr(args, name, None)
+        if value:
+            value = Path(value)
+            folders.append(value.parent if value.is_file() else value)
+    return folders
+
+
+def _place(item: Emit, out: Path, args, guard=None, folders=()) -> None:
     from .images import ImageProblemError, check_image, crop_box, place_file, save_image
 
     image = item.image
     if image is None or args.images == "none":
         return
+    if isinstance(image, FileImage) and guard is not None:
+        problem = guard.problem(image.path, folders)
+        if problem is not None:
+            raise ImageProblemError("unsafe_path", problem)
     dest = item.record.image_path(out)
     if isinstance(image, ArrayImage):
         from PIL import Image
@@ -175,10 +193,16 @@ def _place(item: Emit, out: Path, args) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from facial_r1_core.prompts import DEFAULT_QUESTION
-    from facial_r1_core.schema import atomic_write
+    from facial_r1_core.schema import (
+        IdIndex,
+        PathGuard,
+        Record,
+        RecordError,
+        atomic_write,
+        ensure_not_input,
+    )
     from tqdm import tqdm
 
-    from .checks import IdIndex, id_key
     from .images import ImageProblemError
 
     if args.question is None:
@@ -199,6 +223,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     dataset = converter.output_dataset()
     jsonl, report_path, quarantine_path = output_paths(out, dataset, args.split, args)
+    inputs = [source, getattr(args, "manifest", None)]
+    if source.is_dir():
+        inputs += sorted(source.glob("*.jsonl"))
+    ensure_not_input([jsonl, report_path, quarantine_path], inputs, "convert")
+    guard, folders = PathGuard(), source_folders(args)
     tally = Tally()
     seen_ids = IdIndex()
     placed = 0
@@ -218,9 +247,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 tally.reject(item.reason)
                 quarantine.write(item.reason, item.detail, item.source, item.raw)
                 continue
-            rec = item.record
-            key = id_key(rec.id)
-            if key in seen_ids:
+            try:  # core's schema check, the same for every verb (e.g. AU99 is rejected)
+                rec = Record.from_dict(record_dict(item.record))
+            except RecordError as exc:
+                tally.reject(exc.code)
+                quarantine.write(exc.code, str(exc), item.source, record_dict(item.record))
+                continue
+            if rec.id in seen_ids:
                 tally.reject("duplicate_id")
                 quarantine.write(
                     "duplicate_id",
@@ -230,12 +263,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 continue
             try:
-                _place(item, out, args)
+                _place(item, out, args, guard, folders)
             except ImageProblemError as problem:
                 tally.reject(problem.reason)
                 quarantine.write(problem.reason, problem.detail, item.source, record_dict(rec))
                 continue
-            seen_ids.add(key)
+            seen_ids.add(rec.id)
             if item.image is not None and args.images != "none":
                 placed += 1
             fout.write(record_json(rec) + "\n")
@@ -265,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     try:
         report = run(args)
-    except (LayoutError, ValueError) as exc:
+    except (LayoutError, ValueError, OSError) as exc:
         eprint(f"facial-r1 data convert: error: {exc}")
         return 2
     print(summary_line(f"convert {report['dataset_folder']} ({report['split']})", report))

@@ -9,10 +9,10 @@ import contextlib
 import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-PLACE_MODES = ("link", "copy", "symlink", "none")
+# No symlink mode: a symlink out of the dataset folder is an unsafe path for every reader.
+PLACE_MODES = ("link", "copy", "none")
 VERIFY_MODES = ("decode", "header", "none")
 
 
@@ -43,12 +43,26 @@ def check_image(path: Path, verify: str = "decode") -> None:
         raise ImageProblemError("corrupt_image", f"image does not decode: {path}: {exc}") from None
 
 
+def image_hook(verify: str = "decode"):
+    """:func:`check_image` as the image hook of core's reader: None or ``(reason, detail)``."""
+
+    def hook(path: Path) -> tuple[str, str] | None:
+        try:
+            check_image(path, verify)
+        except ImageProblemError as problem:
+            return problem.reason, problem.detail
+        return None
+
+    return hook
+
+
 def _tmp_beside(dest: Path) -> Path:
+    """A free temporary name beside ``dest`` that names this process (core's convention), so
+    that a later run can remove it if this one is killed."""
+    from facial_r1_core.schema import temp_path_for
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    return Path(tmp)
+    return temp_path_for(dest)
 
 
 def place_file(src: Path, dest: Path, mode: str = "link") -> None:

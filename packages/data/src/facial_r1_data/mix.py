@@ -4,7 +4,8 @@ Each ``--input FILE=SPEC`` names a converted JSONL and how much of it to take: `
 ``first:N``, ``random:N`` (a uniform sample, deterministic by ``--seed``) or ``N%`` (exactly
 round(N% of the lines), sampled uniformly). Records keep their dataset folder, so every input must
 live in the output's root (the folder of ``--output``), the way the paper assembled FEA-20K from its
-sources. Repeated ids (the same image and question in two inputs) are quarantined, first kept.
+sources. Every selected line goes through core's one reader: bad lines and repeated ids (the same
+image and question in two inputs) are quarantined with their reason, the first occurrence kept.
 Sampled lines keep their file order; inputs follow the order of the ``--input`` options.
 
 >>> parse_spec("first:10"), parse_spec("random:5"), parse_spec("25%"), parse_spec("all")
@@ -14,7 +15,6 @@ Sampled lines keep their file order; inputs follow the order of the ``--input`` 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -51,12 +51,23 @@ def parse_take(text: str) -> tuple[Path, str]:
 
 
 def _lines(path: Path):
-    with open(path, encoding="utf-8") as handle:
-        index = 0
-        for number, text in enumerate(handle, start=1):
-            if text.strip():
-                yield index, number, text
-                index += 1
+    """``(index, line_number, bytes, oversize)`` of each non-blank line (core's line reader)."""
+    from facial_r1_core.schema import iter_raw_lines
+
+    for index, (number, raw, oversize) in enumerate(iter_raw_lines(path)):
+        yield index, number, raw, oversize
+
+
+def _oversize(path: Path, number: int, size: int, limit: int):
+    from facial_r1_core.schema import LineResult, RecordError
+
+    error = RecordError(
+        f"line is {size} bytes, longer than the limit of {limit} bytes (FACIAL_R1_MAX_LINE_BYTES)",
+        path=str(path),
+        line=number,
+        code="line_too_long",
+    )
+    return LineResult(number, error=error, path=str(path))
 
 
 def _chosen(path: Path, kind: str, value: float, rng) -> tuple[set[int] | None, int]:
@@ -68,7 +79,7 @@ def _chosen(path: Path, kind: str, value: float, rng) -> tuple[set[int] | None, 
     if kind == "random":
         k = int(value)
         reservoir: list[int] = []
-        for index, _, _ in _lines(path):
+        for index, *_ in _lines(path):
             n += 1
             if index < k:
                 reservoir.append(index)
@@ -91,9 +102,7 @@ def mix(
     report: str | Path | None = None,
 ) -> dict[str, Any]:
     import numpy as np
-    from facial_r1_core.schema import atomic_write
-
-    from .checks import IdIndex, id_key
+    from facial_r1_core.schema import IdIndex, RecordReader, atomic_write, ensure_not_input
 
     out = Path(out)
     root = out.parent.resolve()
@@ -109,21 +118,21 @@ def mix(
                 f"mix: {path} is not in the output's root {root}; records name their image "
                 "folder relative to their JSONL's folder, so mix files of one root"
             )
-        if path.resolve() == out.resolve():
-            raise ValueError("mix: --output must not be one of the inputs")
         parsed.append((path, spec, *parse_spec(spec)))
+    q_path = reports_dir(root) / f"{out.stem}.mix.quarantine.jsonl"
+    r_path = Path(report) if report else reports_dir(root) / f"{out.stem}.mix.json"
+    ensure_not_input([out, q_path, r_path], [p for p, *_ in parsed], "mix")
     rng = np.random.default_rng(seed)
     total = Tally()
-    seen = IdIndex()
+    reader = RecordReader(ids=IdIndex())  # one id index over every input: first kept
     inputs = []
-    q_path = reports_dir(root) / f"{out.stem}.mix.quarantine.jsonl"
     start = time.perf_counter()
     with atomic_write(out) as fout, atomic_write(q_path) as fq:
         qw = QuarantineWriter(fq)
         for path, spec, kind, value in parsed:
             chosen, _ = _chosen(path, kind, value, rng)
             read = selected = written = 0
-            for index, number, text in _lines(path):
+            for index, number, raw, oversize in _lines(path):
                 read += 1
                 if kind == "first" and index >= value:
                     continue
@@ -132,32 +141,24 @@ def mix(
                 selected += 1
                 total.read_one()
                 src = {"file": path.name, "line": number}
-                try:
-                    d = json.loads(text)
-                    rid = d["id"]
-                    if not isinstance(rid, str):
-                        raise KeyError
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    total.reject("invalid_json")
+                if oversize is not None:
+                    res = _oversize(path, number, oversize, reader.max_bytes)
+                else:
+                    res = reader.check(raw, number, str(path))
+                if res.error is not None:
+                    err = res.error
+                    total.reject(err.code)
+                    fld = f"field '{err.field}': " if err.field else ""
                     qw.write(
-                        "invalid_json",
-                        "not a JSON record with an id; run clean first",
+                        err.code,
+                        fld + err.reason,
                         src,
-                        text.rstrip("\n"),
+                        res.data if res.data is not None else res.raw,
                     )
                     continue
-                key = id_key(rid)
-                is_copy = bool((d.get("meta_info") or {}).get("copy"))
-                if key in seen and not is_copy:
-                    total.reject("duplicate_id")
-                    qw.write(
-                        "duplicate_id", f"id {rid} already taken from an earlier input", src, d
-                    )
-                    continue
-                seen.add(key)
-                fout.write(text.rstrip("\n") + "\n")
+                fout.write(res.to_json() + "\n")
                 written += 1
-                total.keep(d.get("labels") or [], d.get("AUs") or [])
+                total.keep(res.record.labels, res.record.AUs)
             inputs.append(
                 {
                     "file": path.name,
@@ -179,7 +180,6 @@ def mix(
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
     result["read_note"] = "read counts the selected lines; inputs[].read counts every line"
-    r_path = Path(report) if report else reports_dir(root) / f"{out.stem}.mix.json"
     write_report(r_path, result)
     result["report_file"] = str(r_path)
     return result

@@ -1,13 +1,15 @@
 """``facial-r1 data validate ROOT``: check a dataset root (or one JSONL) without changing it.
 
-Checks every line: JSON, the unified schema (required fields, types), path safety, the AU and
-emotion vocabularies, ids (md5 of dataset + image + question: a warning, an error with
-``--strict-ids``), duplicate ids within each file (``--across-files``: across the files too, e.g.
-a train/test leak; records that ``balance`` marked as copies are allowed), and that each image
-exists and decodes (``--no-images`` skips the image checks: the fast mode). Writes a JSON report
-and exits 1 when there is any error, 0 otherwise.
+Reads every line through core's one reader (the same per-line result as every other verb): the
+line-size limit, UTF-8, JSON, the unified schema (required fields, types), path safety (and, with
+image checks, symlinks leaving the dataset folder), the emotion vocabulary and the AU rule (any
+FACS code; impossible codes such as AU99 are errors), duplicate ids within each file
+(``--across-files``: across the files too, e.g. a train/test leak; records that ``balance``
+marked as copies are allowed), ids (md5 of dataset + image + question: a warning, an error with
+``--strict-ids``), and that each image exists and decodes (``--no-images`` skips the image
+checks: the fast mode). Writes a JSON report and exits 1 when there is any error, 0 otherwise.
 
-Memory stays flat: lines stream, and the duplicate index takes 8 bytes per record.
+Memory stays flat: lines stream, and the duplicate index takes about 16 bytes per record.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -47,19 +48,17 @@ def validate(
     across_files: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
+    from facial_r1_core.schema import IdIndex, RecordReader, record_id
     from tqdm import tqdm
 
-    from .checks import LineChecker
-    from .images import ImageProblemError, check_image
+    from .images import image_hook
 
     root, files = find_jsonl(Path(target))
-    checker = LineChecker(check_ids=True)
     errors: Counter[str] = Counter()
     warnings: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
-    keys = array("Q")  # one 64-bit id key per non-blank line, in order
-    key_files: list[tuple[int, Path]] = []  # (start offset in keys, file)
     per_file: dict[str, dict[str, int]] = {}
+    shared = IdIndex() if across_files else None
     total = 0
     start = time.perf_counter()
 
@@ -71,60 +70,33 @@ def validate(
             )
 
     for path in files:
-        key_files.append((len(keys), path))
         n_lines = n_ok = n_err = n_warn = 0
-        path_str = str(path)
-        check = checker.check
-        append = keys.append
-        with open(path, "rb") as handle:
-            lines = (
-                handle
-                if not progress
-                else tqdm(handle, desc=f"validate {path.name}", unit="line", mininterval=1.0)
-            )
-            for number, raw in enumerate(lines, start=1):
-                if raw.isspace() or not raw:
-                    continue
-                n_lines += 1
-                res = check(raw, path_str, number)
-                if not res.ok:
-                    note(res.code, path, number, res.message, res.field)
+        reader = RecordReader(
+            root=root if images else None,
+            image_check=image_hook(verify) if images else None,
+            ids=shared if across_files else IdIndex(),
+        )
+        results = reader.read(path)
+        if progress:
+            results = tqdm(results, desc=f"validate {path.name}", unit="line", mininterval=1.0)
+        for res in results:
+            n_lines += 1
+            if res.error is not None:
+                note(res.code, path, res.line, res.error.reason, res.error.field)
+                n_err += 1
+                continue
+            rec = res.record
+            if rec.id != record_id(rec.dataset, rec.image, rec.question):
+                message = f"id {rec.id!r} is not md5(dataset + image + question)"
+                if strict_ids:
+                    note("bad_id", path, res.line, message, "id")
                     n_err += 1
-                    append(0)
                     continue
-                bad = False
-                for w in res.warnings:
-                    if w.startswith("id ") and strict_ids:
-                        note("bad_id", path, number, w, "id")
-                        bad = True
-                    else:
-                        warnings["unknown_au" if w.startswith("AU") else "id_mismatch"] += 1
-                        n_warn += 1
-                append(0 if res.is_copy else res.id_key)
-                if images:
-                    d = res.data
-                    try:
-                        check_image(root / d["dataset"] / d["image"], verify)
-                    except ImageProblemError as problem:
-                        note(problem.reason, path, number, problem.detail, "image")
-                        bad = True
-                if bad:
-                    n_err += 1
-                else:
-                    n_ok += 1
+                warnings["id_mismatch"] += 1
+                n_warn += 1
+            n_ok += 1
         total += n_lines
         per_file[path.name] = {"lines": n_lines, "ok": n_ok, "errors": n_err, "warnings": n_warn}
-    if across_files:
-        duplicates = _duplicates(keys)
-        if duplicates:
-            _locate_duplicates(duplicates, key_files, keys, note)
-    else:
-        bounds = [start for start, _ in key_files] + [len(keys)]
-        for i, (start, path) in enumerate(key_files):
-            segment = keys[start : bounds[i + 1]]
-            duplicates = _duplicates(segment)
-            if duplicates:
-                _locate_duplicates(duplicates, [(0, path)], segment, note)
     wall = time.perf_counter() - start
     n_errors = sum(errors.values())
     return {
@@ -143,45 +115,6 @@ def validate(
         "wall_time_s": round(wall, 3),
         "records_per_s": round(total / wall, 1) if wall > 0 else None,
     }
-
-
-def _duplicates(keys: array) -> set[int]:
-    """Keys seen more than once (0 = no key: a bad line or a balance copy)."""
-    import numpy as np
-
-    if len(keys) < 2:
-        return set()
-    arr = np.frombuffer(keys, dtype=np.uint64).copy()  # one extra 8 bytes a record, briefly
-    arr.sort()
-    dup = arr[1:][(arr[1:] == arr[:-1]) & (arr[1:] != 0)]
-    return {int(x) for x in np.unique(dup)}
-
-
-def _locate_duplicates(duplicates, key_files, keys, note) -> None:
-    """Name each repeat of an id after its first occurrence: the index gives the record's
-    position; one more read of the file (only when there are duplicates) gives its line."""
-    first: dict[int, str] = {}
-    bounds = [start for start, _ in key_files] + [len(keys)]
-    for i, (start, path) in enumerate(key_files):
-        positions = [p for p in range(start, bounds[i + 1]) if keys[p] in duplicates]
-        if not positions:
-            continue
-        wanted = {p - start for p in positions}
-        index = -1
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if raw.isspace() or not raw:
-                    continue
-                index += 1
-                if index not in wanted:
-                    continue
-                key = keys[start + index]
-                if key in first:
-                    note(
-                        "duplicate_id", path, number, f"id repeats the record at {first[key]}", "id"
-                    )
-                else:
-                    first[key] = f"{path.name}:{number}"
 
 
 def add_parser(subparsers) -> None:
@@ -227,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
             across_files=args.across_files,
             progress=not args.no_progress,
         )
-    except FileNotFoundError as exc:
+    except (OSError, ValueError) as exc:
         eprint(f"facial-r1 data validate: error: {exc}")
         return 2
     root = Path(report["root"])

@@ -33,10 +33,13 @@ REASONS: dict[str, str] = {
     "missing_image": "the image file does not exist",
     "corrupt_image": "the image file does not decode",
     "bad_face_box": "the face box lies outside the image or is empty",
-    "unsafe_path": "the image path is absolute or leaves the dataset folder",
+    "unsafe_path": "the image path is absolute or leaves the dataset folder, or the image is a "
+    "symlink resolving outside the source folders",
     "duplicate_id": "a record with the same id was already written",
     "schema_error": "the record breaks the unified schema",
     "invalid_json": "the line is not valid JSON",
+    "invalid_utf8": "the line's bytes are not UTF-8",
+    "line_too_long": "the line is longer than the line-size limit (FACIAL_R1_MAX_LINE_BYTES)",
 }
 
 

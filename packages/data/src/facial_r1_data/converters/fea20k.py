@@ -12,14 +12,12 @@ The converter checks every record against the schema, links each image into
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from facial_r1_core.schema import Record, RecordError
+from facial_r1_core.schema import RecordReader
 
-from ..checks import error_code
 from ._base import Converter, Emit, FileImage, Item, LayoutError, Reject, require_dir
 
 
@@ -68,29 +66,17 @@ class FEA20KConverter(Converter):
             require_dir(images_root, "the FEA-20K images root (<dataset>/<image>)")
         per_dataset: Counter[str] = Counter()
         for path in files:
-            with open(path, encoding="utf-8") as handle:
-                for number, text in enumerate(handle, start=1):
-                    if not text.strip():
-                        continue
-                    src = {"file": path.name, "line": number}
-                    try:
-                        data = json.loads(text)
-                    except json.JSONDecodeError as exc:
-                        yield Reject(
-                            "invalid_json",
-                            f"{exc.msg} at column {exc.colno}",
-                            src,
-                            text.rstrip("\n"),
-                        )
-                        continue
-                    try:
-                        record = Record.from_dict(data, path=path.name, line=number)
-                    except RecordError as exc:
-                        yield Reject(error_code(exc), str(exc), src, data)
-                        continue
-                    record.meta_info.setdefault("fea20k_file", path.name)
-                    per_dataset[record.dataset] += 1
-                    image = FileImage(images_root / record.dataset / record.image)
-                    yield Emit(record, image, src)
+            # core's one reader; duplicates are left to the convert runner (one index per run)
+            for res in RecordReader(unique_ids=False).read(path):
+                src = {"file": path.name, "line": res.line}
+                if res.error is not None:
+                    raw = res.data if res.data is not None else res.raw
+                    yield Reject(res.code, str(res.error), src, raw)
+                    continue
+                record = res.record
+                record.meta_info.setdefault("fea20k_file", path.name)
+                per_dataset[record.dataset] += 1
+                image = FileImage(images_root / record.dataset / record.image)
+                yield Emit(record, image, src)
         self.stats["files"] = [p.name for p in files]
         self.stats["records_per_dataset"] = dict(per_dataset)
