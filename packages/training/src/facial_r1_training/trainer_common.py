@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -56,12 +58,64 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return str(max(done)[1]) if done else None
 
 
+#: Keys that do not change what a training run produces (or that enter the fingerprint by
+#: content: the train files and the base model), left out of the resume fingerprint.
+NOT_FINGERPRINTED = (
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "resume",
+    "dataloader_num_workers",
+    "output_dir",
+    "model_dir",
+    "accelerate_config",
+    "train_file",
+    "base_model",
+)
+
+
+def begin_training(ctx, cfg: TrainerCommon, *, base: str, files: list[Path]):
+    """The resume rule for a training stage (:meth:`StageContext.resume_state`).
+
+    Fingerprint: the train files' and the base model's content, the stage's settings (except
+    :data:`NOT_FINGERPRINTED`), the ``model`` section's loading settings and the seed. Returns
+    the state: ``done`` (return ``state.result``), ``resume`` (from the newest checkpoint) or
+    ``new`` (checkpoints of an earlier run are removed first).
+    """
+    out, ckpt_dir, _ = output_paths(ctx, cfg)
+    fresh = not cfg.resume
+    model = dataclasses.asdict(model_section(ctx))
+    settings = {
+        ctx.section: {
+            k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED
+        },
+        "model": {k: v for k, v in model.items() if k not in ("path", "tiny")},
+        "run": {"seed": cfg.seed if cfg.seed is not None else ctx.seed},
+    }
+    state = ctx.resume_state(
+        out,
+        inputs={"train_file": [str(f) for f in files], "base_model": base},
+        settings=settings,
+        fresh=fresh,
+        leftovers=last_checkpoint(ckpt_dir) is not None,
+    )
+    if state.status == "new" and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    if state.done:
+        log.info(
+            "%s: finished earlier with the same inputs and settings; returning that result "
+            "(pass --fresh to train again)",
+            ctx.stage,
+        )
+    return state
+
+
 def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and GRPOConfig."""
     seed = cfg.seed if cfg.seed is not None else ctx.seed
     args: dict[str, Any] = {
         "output_dir": str(checkpoint_dir),
-        "max_steps": cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
+        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,  # None: epochs
         "num_train_epochs": cfg.num_train_epochs,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
