@@ -28,6 +28,7 @@ from .data import grpo_rows, load_records, to_dataset
 from .trainer_common import (
     begin_training,
     common_args,
+    exact_resume,
     last_checkpoint,
     mlflow_callback,
     model_section,
@@ -137,7 +138,7 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     grpo_args = GRPOConfig(**targs)
 
     callback = mlflow_callback(ctx)
-    trainer = GRPOTrainer(
+    trainer = exact_resume(GRPOTrainer)(
         model=model,
         reward_funcs=reward_funcs(cfg.reward_variant),
         args=grpo_args,

@@ -26,6 +26,7 @@ from .data import SFTCollator, load_records, sft_rows, to_dataset
 from .trainer_common import (
     begin_training,
     common_args,
+    exact_resume,
     last_checkpoint,
     mlflow_callback,
     model_section,
@@ -89,7 +90,7 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         processor, hint_fraction=cfg.hint_fraction, seed=sft_args.seed, max_length=cfg.max_length
     )
     callback = mlflow_callback(ctx, extra=lambda: {"hinted_share": collator.hinted_share})
-    trainer_cls = plain_loss_trainer() if cfg.plain_loss else _trl_sft_trainer()
+    trainer_cls = exact_resume(plain_loss_trainer() if cfg.plain_loss else _trl_sft_trainer())
     trainer = trainer_cls(
         model=model,
         args=sft_args,
@@ -105,6 +106,7 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
             "global_step", 0
         )
         log.info("resuming SFT from %s (step %s)", resume_from, start_step)
+        collator.calls = start_step * cfg.gradient_accumulation_steps  # the same hint draws
     ctx.set_tags({"resumed_from_step": start_step, "base_model": base})
 
     t0 = time.time()
