@@ -137,11 +137,11 @@ def test_prompts_render_clean_lists():
 
 def test_profiles_and_overrides(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("sft:\n  lr: 0.001\n  steps: 10\n")
+    base.write_text("sft:\n  learning_rate: 0.001\n  max_steps: 10\n")
     child = tmp_path / "child.yaml"
-    child.write_text("extends: base.yaml\nsft:\n  steps: 20\n")
-    cfg = load_profile(child, ["sft.lr=3e-3", "grpo.beta=0.04"])
-    assert cfg["sft"] == {"lr": 0.003, "steps": 20}
+    child.write_text("extends: base.yaml\nsft:\n  max_steps: 20\n")
+    cfg = load_profile(child, ["sft.learning_rate=3e-3", "grpo.beta=0.04"])
+    assert cfg["sft"] == {"learning_rate": 0.003, "max_steps": 20}
     assert cfg["grpo"]["beta"] == 0.04 and cfg["profile"]["name"] == "child"
     with pytest.raises(ConfigError):
         apply_overrides({}, ["novalue"])

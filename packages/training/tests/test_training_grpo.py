@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import mlflow
@@ -82,7 +83,7 @@ def test_reward_functions_named_and_weighted():
     assert cfg.weights() == [1.0, 1.0, 0.5]
 
 
-def test_grpo_runs_logs_and_resumes(home, env, tmp_path):
+def test_grpo_runs_logs_and_refuses_other_settings(home, env, tmp_path, capsys):
     root, profile = home
     first = tmp_path / "g1.json"
     code = cli_main(
@@ -124,24 +125,30 @@ def test_grpo_runs_logs_and_resumes(home, env, tmp_path):
     saved = json.loads((root / "runs/grpo/model/facial_r1_training.json").read_text())
     assert saved["reward_weights"] == {"au": 2.0, "accuracy": 1.0, "format": 1.0}
 
+    model_file = root / "runs/grpo/model/model.safetensors"
+    md5 = hashlib.md5(model_file.read_bytes()).hexdigest()
+    weights = ["--set", "grpo.reward_weights={au: 2.0}"]
+    base = ["grpo", "--config", str(profile), *FAST, "--model", "tiny"]
+
+    # other settings over the finished run's folder: refused, naming every change
     second = tmp_path / "g2.json"
-    code = cli_main(
-        [
-            "grpo",
-            "--config",
-            str(profile),
-            *FAST,
-            "--model",
-            "tiny",
-            "--max-steps",
-            "3",
-            "--result",
-            str(second),
-        ]
-    )
-    assert code == 0
-    m2 = json.loads(second.read_text())["metrics"]
-    assert m2["resumed_from_step"] == 2 and m2["global_step"] == 3
+    code = cli_main([*base, "--max-steps", "3", "--result", str(second)])
+    assert code == 2 and not second.exists()
+    err = capsys.readouterr().err
+    assert "setting grpo.reward_weights.au: 2.0 -> (absent)" in err
+    assert "setting grpo.max_steps: 2 -> 3" in err and "--fresh" in err
+
+    # the same command again: the finished result, no training, the model's bytes unchanged
+    again = tmp_path / "g3.json"
+    assert cli_main([*base, *weights, "--result", str(again)]) == 0
+    assert json.loads(again.read_text())["metrics"] == m
+    assert hashlib.md5(model_file.read_bytes()).hexdigest() == md5
+
+    # --fresh starts over under the new settings
+    fresh = tmp_path / "g4.json"
+    assert cli_main([*base, "--max-steps", "3", "--fresh", "--result", str(fresh)]) == 0
+    m4 = json.loads(fresh.read_text())["metrics"]
+    assert m4["resumed_from_step"] == 0 and m4["global_step"] == 3
 
 
 def test_grpo_needs_the_sft_model(home, env, tmp_path, capsys):

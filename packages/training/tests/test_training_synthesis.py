@@ -12,6 +12,8 @@ from facial_r1_training.generation import GenerationRequest, ScriptedBackend
 from facial_r1_training.synthesis import (
     ROUND_BATCHES,
     Journal,
+    JournalLockedError,
+    JournalMismatchError,
     SynthesisConfig,
     SynthesisInterruptedError,
     run,
@@ -189,14 +191,102 @@ def test_resume_after_interruption_no_duplicates(tmp_path):
     assert third.requests_seen == 0 and summary3.accepted == 12
 
 
-def test_journal_of_other_input_starts_over(tmp_path):
+def test_journal_of_other_input_is_refused_unless_fresh(tmp_path):
     inp = make_dataset(tmp_path / "data", 3)
     cfg = cfg_for(tmp_path, inp)
     run(cfg, ScriptedBackend(lambda r, i: ideal(r)), emotions=EMOS, progress=False)
     inp.write_text(inp.read_text().splitlines()[0] + "\n")
-    summary, _ = run(cfg, ScriptedBackend(lambda r, i: ideal(r)), emotions=EMOS, progress=False)
+    with pytest.raises(JournalMismatchError, match=r"journal of another run.*--fresh"):
+        run(cfg, ScriptedBackend(lambda r, i: ideal(r)), emotions=EMOS, progress=False)
+    summary, _ = run(
+        cfg, ScriptedBackend(lambda r, i: ideal(r)), emotions=EMOS, progress=False, fresh=True
+    )
     assert (summary.read, summary.accepted, summary.resumed) == (1, 1, 0)
-    assert (tmp_path / "work" / "journal.jsonl.stale").exists()
+
+
+def coin(req: GenerationRequest, _i: int) -> str:
+    """Accepts or fails by the request's own seed: a stand-in for sampling."""
+    if req.seed % 3 == 0:
+        return "<think>Brows lowered (AU4).</think><answer>fear</answer>"
+    return ideal(req)
+
+
+def test_damaged_journal_lines_are_redone_never_truncate_the_rest(tmp_path):
+    inp = make_dataset(tmp_path / "data", 20)
+    cfg = cfg_for(tmp_path, inp, max_retries=1, round_size=4)
+    _, out = run(cfg, ScriptedBackend(coin), emotions=EMOS, seed=5, progress=False)
+    reference = Path(out["accepted"]).read_bytes(), Path(out["rejected"]).read_bytes()
+    journal = tmp_path / "work" / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 21
+    lines[5] = lines[5][:40]  # a damaged line in the middle
+    no_key = json.loads(lines[9])
+    del no_key["key"]
+    lines[9] = json.dumps(no_key)  # a line without a key
+    lines.insert(12, lines[11])  # a duplicate (two writers)
+    journal.write_text("\n".join(lines) + "\n" + '{"key": "torn')
+    again = ScriptedBackend(coin)
+    summary2, out2 = run(cfg, again, emotions=EMOS, seed=5, progress=False)
+    assert summary2.journal_damaged == 4 and summary2.resumed == 18
+    assert (summary2.read, summary2.accepted + summary2.rejected) == (20, 20)
+    assert 2 <= again.requests_seen <= 4  # only the two dropped samples were redone
+    assert (Path(out2["accepted"]).read_bytes(), Path(out2["rejected"]).read_bytes()) == reference
+    # the journal was rewritten without the dropped lines
+    assert Journal(journal, run_signature_of(cfg, 5), str(inp)).damaged == []
+
+
+def run_signature_of(cfg, seed):
+    from facial_r1_training.synthesis import run_signature
+
+    return run_signature(cfg.input_file, cfg, "", seed)
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    first = Journal(tmp_path / "j.jsonl", "sig", "in.jsonl")
+    with pytest.raises(JournalLockedError, match=r"another synthesize run holds .*j\.jsonl"):
+        Journal(tmp_path / "j.jsonl", "sig", "in.jsonl")
+    first.close()
+    Journal(tmp_path / "j.jsonl", "sig", "in.jsonl").close()  # free again once closed
+
+
+@pytest.mark.parametrize("stop_after,round_size", [(1, 3), (7, 5), (13, 16)])
+def test_interrupted_run_accepts_what_an_uninterrupted_run_accepts(
+    tmp_path, stop_after, round_size
+):
+    inp = make_dataset(tmp_path / "data", 16)
+    whole = cfg_for(tmp_path / "a", inp, max_retries=2, round_size=4)
+    _, out = run(whole, ScriptedBackend(coin, batch_size=4), emotions=EMOS, seed=1, progress=False)
+    cut = cfg_for(tmp_path / "b", inp, max_retries=2, round_size=round_size)
+    with pytest.raises(SynthesisInterruptedError):
+        run(
+            cut, ScriptedBackend(coin), emotions=EMOS, seed=1, stop_after=stop_after, progress=False
+        )
+    cut.round_size = 2  # resumed with yet another batching
+    _, out2 = run(cut, ScriptedBackend(coin), emotions=EMOS, seed=1, progress=False)
+    for name in ("accepted", "rejected"):
+        assert Path(out2[name]).read_bytes() == Path(out[name]).read_bytes(), name
+
+
+def test_tiny_model_samples_do_not_depend_on_batching(tmp_path, tiny_model_dir):
+    from facial_r1_training.generation import create_backend
+
+    inp = make_dataset(tmp_path / "data", 10)
+    outs = []
+    for i, (batch, stop) in enumerate([(8, None), (3, 4)]):
+        cfg = cfg_for(tmp_path / str(i), inp, max_retries=1, max_new_tokens=12, temperature=0.9)
+        cfg.output_file = str(tmp_path / f"acc{i}.jsonl")
+        cfg.rejected_file = str(tmp_path / f"rej{i}.jsonl")
+        backend = create_backend(
+            "transformers", tiny_model_dir, batch_size=batch, max_new_tokens=12
+        )
+        if stop is not None:
+            with pytest.raises(SynthesisInterruptedError):
+                run(cfg, backend, emotions=EMOS, seed=3, stop_after=stop, progress=False)
+            backend.batch_size = 5
+        run(cfg, backend, emotions=EMOS, seed=3, progress=False)
+        outs.append((Path(cfg.output_file).read_bytes(), Path(cfg.rejected_file).read_bytes()))
+    assert outs[0] == outs[1]
+    assert outs[0][0].count(b"\n") + outs[0][1].count(b"\n") == 10
 
 
 def test_journal_refuses_duplicate_keys(tmp_path):

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -86,11 +88,29 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
     return result
 
 
-def load_profile(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a profile YAML (with an optional ``extends: other.yaml``) and apply overrides."""
+def load_profile(
+    path: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    *,
+    strict: bool = True,
+    schemas: Mapping[str, type] | None = None,
+) -> dict[str, Any]:
+    """Read a profile YAML (with an optional ``extends: other.yaml``) and apply overrides.
+
+    With ``strict`` (the default) the file and then the overrides are checked against the
+    section schemas (:func:`validate_profile`; ``schemas`` adds sections): unknown sections or
+    keys and out-of-range numbers are a :class:`ConfigError` naming the file or the override.
+    """
+    overrides = list(overrides)
     data = _read_profile(Path(path))
     data.setdefault("profile", {}).setdefault("name", Path(path).stem)
-    return apply_overrides(data, overrides)
+    if strict:
+        validate_profile(data, source=str(path), schemas=schemas)
+    result = apply_overrides(data, overrides)
+    if strict and overrides:
+        source = "--set " + " ".join(overrides)
+        validate_profile(result, source=source, overrides=overrides, schemas=schemas)
+    return result
 
 
 def _read_profile(path: Path) -> dict[str, Any]:
@@ -149,8 +169,187 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# --------------------------------------------------------------------------------------------
+# the schema: one typed dataclass per profile section
+
+
+def checked(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with a numeric range that :func:`from_section` enforces (None passes).
+
+    >>> @dataclasses.dataclass
+    ... class Demo:
+    ...     steps: int = checked(10, ge=1)
+    >>> from_section(Demo, {"steps": 0}, name="sft")
+    Traceback (most recent call last):
+    ...
+    facial_r1_core.config.ConfigError: sft.steps: must be >= 1, got 0
+    """
+    meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"range": meta}
+    )
+
+
+def range_problem(value: Any, spec: Mapping[str, float]) -> str:
+    """Why ``value`` is outside ``spec`` (keys ge/gt/le), or ''; None and non-numbers pass.
+
+    >>> range_problem(0.5, {"ge": 0, "le": 1}), range_problem(-1, {"ge": 0})
+    ('', 'must be >= 0, got -1')
+    """
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    if "ge" in spec and not value >= spec["ge"]:
+        return f"must be >= {spec['ge']:g}, got {value:g}"
+    if "gt" in spec and not value > spec["gt"]:
+        return f"must be > {spec['gt']:g}, got {value:g}"
+    if "le" in spec and not value <= spec["le"]:
+        return f"must be <= {spec['le']:g}, got {value:g}"
+    return ""
+
+
+@dataclasses.dataclass
+class ProfileSection:
+    """``profile``: the profile's name and a one-line description."""
+
+    name: str = ""
+    description: str = ""
+
+
+@dataclasses.dataclass
+class RunSection:
+    """``run``: settings every stage shares."""
+
+    seed: int = checked(0, ge=0)
+    torch_threads: int | None = checked(None, ge=1)
+    work_dir: str = "runs"
+    data_root: str = "data"
+
+
+@dataclasses.dataclass
+class MlflowSection:
+    """``mlflow``: where runs and models are tracked (``MLFLOW_TRACKING_URI`` wins)."""
+
+    tracking_uri: str = ""
+    artifact_root: str = ""
+    experiment: str = ""
+    registered_model: str = ""
+
+
+#: Every profile section and the dataclass that is its schema ("module:Class"). A schema whose
+#: package is not installed (the orchestrator environment has no training package) is skipped:
+#: the section name is still checked, its keys are checked where the stage runs.
+#: ``resources`` (Kubernetes) is checked by the pipeline when pods are rendered.
+PROFILE_SCHEMAS: dict[str, str | None] = {
+    "profile": "facial_r1_core.config:ProfileSection",
+    "run": "facial_r1_core.config:RunSection",
+    "mlflow": "facial_r1_core.config:MlflowSection",
+    "demo_faces": "facial_r1_data.demo_faces:DemoFacesConfig",
+    "seed_sft": "facial_r1_data.seed:SeedConfig",
+    "model": "facial_r1_training.configs:ModelStageConfig",
+    "sft": "facial_r1_training.configs:SFTStageConfig",
+    "grpo": "facial_r1_training.configs:GRPOStageConfig",
+    "synthesize": "facial_r1_training.synthesis:SynthesisConfig",
+    "filter": "facial_r1_training.filtering:FilterConfig",
+    "evaluate": "facial_r1_training.evaluation:EvaluateConfig",
+    "resources": None,
+}
+
+
+def schema_for(section: str) -> type | None:
+    """The dataclass of a section, or None (no schema, or its package is not installed)."""
+    target = PROFILE_SCHEMAS.get(section)
+    if not target:
+        return None
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        return None
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest known name, or ''.
+
+    >>> did_you_mean("sfft", ["sft", "grpo"]), did_you_mean("zzz", ["sft"])
+    (" (did you mean 'sft'?)", '')
+    """
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_profile(
+    profile: Mapping[str, Any],
+    *,
+    source: str = "",
+    overrides: Iterable[str] = (),
+    schemas: Mapping[str, type] | None = None,
+) -> None:
+    """Check every section of a resolved profile against its schema (ConfigError otherwise).
+
+    Unknown sections and keys name the nearest known one; numbers are range-checked per field;
+    ``source`` (a file or the overrides) is named in the message. With ``overrides``, an error
+    in a key one of them set names that override. ``schemas`` adds (or replaces) sections.
+
+    >>> try:
+    ...     validate_profile({"sfft": {"max_steps": 1}}, source="--set sfft.max_steps=1")
+    ... except ConfigError as exc:
+    ...     print(str(exc)[:70])
+    --set sfft.max_steps=1: unknown section 'sfft' (did you mean 'sft'?);
+    >>> validate_profile({"run": {"seed": "abc"}}, overrides=["run.seed=abc"])
+    Traceback (most recent call last):
+    ...
+    facial_r1_core.config.ConfigError: --set run.seed=abc: run.seed: expected an integer, got 'abc'
+    """
+    overrides = list(overrides)
+
+    def where(section: str, key: str | None = None) -> str:
+        for item in overrides:
+            dotted = item.partition("=")[0].strip()
+            if dotted == section or dotted.startswith(f"{section}.{key or ''}"):
+                return f"--set {item}"
+        return source
+
+    extra = dict(schemas or {})
+    known = [*PROFILE_SCHEMAS, *(s for s in extra if s not in PROFILE_SCHEMAS)]
+    for section, body in profile.items():
+        if section not in known:
+            raise ConfigError(
+                f"{where(section)}: unknown section {section!r}"
+                f"{did_you_mean(section, known)}; known: {', '.join(known)}"
+            )
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where(section)}: section {section!r} must be a mapping")
+        cls = extra.get(section) or schema_for(section)
+        if cls is None:
+            continue
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in body:
+            if key not in fields:
+                raise ConfigError(
+                    f"{where(section, key)}: unknown key {section}.{key}"
+                    f"{did_you_mean(key, fields)}; known: {', '.join(fields)}"
+                )
+        try:
+            from_section(cls, body, name=section)
+        except ConfigError as exc:
+            text = str(exc)
+            key = text.partition(":")[0].partition(".")[2]
+            prefix = where(section, key or None)
+            raise ConfigError(f"{prefix}: {text}" if prefix else text) from None
+
+
 def from_section(cls: type[T], section: Mapping[str, Any] | None, *, name: str = "") -> T:
-    """Build a dataclass from a profile section; unknown keys and bad types are errors.
+    """Build a dataclass from a profile section; unknown keys, bad types and numbers out of the
+    field's range (:func:`checked`) are errors naming ``section.key``.
 
     >>> @dataclasses.dataclass
     ... class Demo:
@@ -161,15 +360,16 @@ def from_section(cls: type[T], section: Mapping[str, Any] | None, *, name: str =
     >>> from_section(Demo, {"stpes": 1}, name="sft")
     Traceback (most recent call last):
     ...
-    facial_r1_core.config.ConfigError: sft: unknown key(s) stpes; known: steps, lr
+    facial_r1_core.config.ConfigError: sft: unknown key(s) stpes (did you mean 'steps'?); ...
     """
     section = dict(section or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(section) - set(fields))
+    label = name or cls.__name__
     if unknown:
+        hint = did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"{name or cls.__name__}: unknown key(s) {', '.join(unknown)}; "
-            f"known: {', '.join(fields)}"
+            f"{label}: unknown key(s) {', '.join(unknown)}{hint}; known: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -177,8 +377,16 @@ def from_section(cls: type[T], section: Mapping[str, Any] | None, *, name: str =
         try:
             kwargs[key] = _coerce(value, hints.get(key, Any))
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name or cls.__name__}.{key}: {exc}") from None
-    return cls(**kwargs)
+            raise ConfigError(f"{label}.{key}: {exc}") from None
+        problem = range_problem(kwargs[key], fields[key].metadata.get("range") or {})
+        if problem:
+            raise ConfigError(f"{label}.{key}: {problem}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -187,11 +395,14 @@ def _coerce(value: Any, hint: Any) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
+        first: Exception | None = None
         for arg in args:
             try:
                 return _coerce(value, arg)
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError) as exc:
+                first = first or exc
+        if len(args) == 1 and first is not None:
+            raise first
         raise ValueError(f"{value!r} does not fit {hint}")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -215,7 +426,11 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise TypeError(f"expected a number, got {value!r}")
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise TypeError(f"expected an integer, got {value!r}")
-        return hint(value)
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if hint is int else "a number"
+            raise TypeError(f"expected {kind}, got {value!r}") from None
     if hint is str:
         if isinstance(value, dict | list):
             raise TypeError(f"expected a string, got {value!r}")
@@ -228,9 +443,12 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def add_stage_arguments(
+    parser: argparse.ArgumentParser, *, resumable: bool = False
+) -> argparse._ArgumentGroup:
     """Add the stage contract's common flags (``--config --set --result --parent-run-id
-    --run-name --no-mlflow``) to a stage's parser; returns the group so a stage can add its own.
+    --run-name --no-mlflow``, and ``--fresh`` for a ``resumable`` stage) to a stage's parser;
+    returns the group so a stage can add its own.
 
     >>> p = argparse.ArgumentParser()
     >>> _ = add_stage_arguments(p)
@@ -270,4 +488,11 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         action="store_true",
         help="do not log to MLflow (the result JSON is still written)",
     )
+    if resumable:
+        group.add_argument(
+            "--fresh",
+            action="store_true",
+            help="start over: discard this stage's checkpoints/journal instead of resuming or "
+            "returning its finished result (needed when inputs or settings changed)",
+        )
     return group

@@ -51,7 +51,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, apply_overrides, config_hash, from_section, load_profile
+from .config import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    from_section,
+    load_profile,
+    validate_profile,
+)
 from .config import add_stage_arguments as add_stage_arguments  # re-exported for stages
 from .schema import InputError, RecordError, atomic_write
 from .tracking import project_home
@@ -214,6 +221,37 @@ class StageContext:
 
             mlflow.log_figure(figure, artifact_file)
 
+    def resume_state(
+        self,
+        folder: str | os.PathLike,
+        *,
+        inputs: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        fresh: bool = False,
+        leftovers: bool = False,
+    ):
+        """The stage contract's resume rule (:mod:`facial_r1_core.resume`) for ``folder``.
+
+        The typed section is validated again first (flags may have changed it after the
+        profile was read). ``fresh`` (or ``--fresh``) starts over; a finished run with the same
+        fingerprint comes back with ``status == "done"`` and its recorded ``result``; another
+        fingerprint raises :class:`facial_r1_core.resume.StageStateError` (exit 2).
+        """
+        from . import resume
+
+        if dataclasses.is_dataclass(self.config):
+            from_section(type(self.config), dataclasses.asdict(self.config), name=self.section)
+        fresh = fresh or bool(getattr(self.args, "fresh", False))
+        state = resume.begin(
+            folder,
+            self.stage,
+            resume.fingerprint(inputs, settings),
+            fresh=fresh,
+            leftovers=leftovers,
+        )
+        self.set_tags({"resume_status": state.status})
+        return state
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.mlflow_run_id:
             import mlflow
@@ -271,10 +309,13 @@ def load_stage_config(
     given = getattr(args, "config", None)
     path = given or default_config_path()
     overrides = list(getattr(args, "overrides", None) or ())
+    schemas = {section: config_cls} if section and config_cls else None
     if given or Path(path).is_file():
-        profile = load_profile(path, overrides)
+        profile = load_profile(path, overrides, schemas=schemas)
     else:
         profile = apply_overrides({}, overrides)
+        source = "--set " + " ".join(overrides)
+        validate_profile(profile, source=source, overrides=overrides, schemas=schemas)
     if section:
         apply_flags(profile, section, flags)
     if section and section not in profile and config_cls is None:

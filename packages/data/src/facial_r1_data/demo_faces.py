@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facial_r1_core.config import checked
 from facial_r1_core.prompts import DEFAULT_QUESTION
 from facial_r1_core.vocab import BASIC_EMOTIONS, EMOTIONS, au_number, sort_aus
 
@@ -213,16 +214,16 @@ class DemoFacesConfig:
 
     out_root: str = "data"
     dataset: str = "DemoFaces"
-    train: int = 1000
-    test: int = 160
-    pool: int = 0  # unlabelled-by-the-model faces for the synthesis stage
-    image_size: int = 56
-    oversample: int = 4
+    train: int = checked(1000, ge=0)
+    test: int = checked(160, ge=0)
+    pool: int = checked(0, ge=0)  # unlabelled-by-the-model faces for the synthesis stage
+    image_size: int = checked(56, ge=8)
+    oversample: int = checked(4, ge=1)
     seed: int = 0
-    p_drop: float = 0.25
-    p_extra: float = 0.4
+    p_drop: float = checked(0.25, ge=0, le=1)
+    p_extra: float = checked(0.4, ge=0, le=1)
     include_contempt: bool = True
-    workers: int = 1
+    workers: int = checked(1, ge=1)
     contact_sheet: str = ""
     contact_per_emotion: int = 4
 

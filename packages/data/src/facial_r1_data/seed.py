@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facial_r1_core.config import checked
 from facial_r1_core.schema import Record, iter_records_lenient, write_jsonl
 from facial_r1_core.vocab import BASIC_EMOTIONS, EMOTIONS
 
@@ -47,22 +48,22 @@ class SeedConfig:
     input: str = "data/DemoFaces_train.jsonl"
     output: str = ""  # default <root>/<Dataset>_seed.jsonl beside the input
     rejected: str = ""  # default <root>/<Dataset>_seed_rejected.jsonl
-    count: int = 300
+    count: int = checked(300, ge=0)
     teacher: str = "template"
     seed: int = 0
     verbosity: str = "short"  # template teacher: short | long
     emotions: list[str] = field(default_factory=list)  # allowed answers; default from the data
-    attempts: int = 2  # openai teacher: tries per sample (retries use the error block)
+    attempts: int = checked(2, ge=1)  # openai teacher: tries per sample (with error block)
     base_url: str = ""  # openai teacher; FACIAL_R1_TEACHER_BASE_URL wins
     model: str = ""  # openai teacher; FACIAL_R1_TEACHER_MODEL wins
-    timeout_s: float = 60.0
-    max_retries: int = 5
+    timeout_s: float = checked(60.0, gt=0)
+    max_retries: int = checked(5, ge=0)
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
-    requests_per_minute: float = 60.0
-    concurrency: int = 4
+    requests_per_minute: float = checked(60.0, gt=0)
+    concurrency: int = checked(4, ge=1)
     temperature: float = 0.7
-    max_tokens: int = 512
+    max_tokens: int = checked(512, ge=1)
 
 
 @dataclass

@@ -146,10 +146,7 @@ def _training_flags(parser: argparse.ArgumentParser, section: str) -> None:
         help=f"checkpoints and final model (overrides {section}.output_dir)",
     )
     parser.add_argument("--max-steps", type=int, help=f"overrides {section}.max_steps")
-    parser.add_argument(
-        "--fresh", action="store_true", help="ignore existing checkpoints (no resume)"
-    )
-    add_stage_arguments(parser)
+    add_stage_arguments(parser, resumable=True)
 
 
 def _add_sft(subparsers) -> None:

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from facial_r1_core.config import ConfigError
+from facial_r1_core.config import ConfigError, checked
 
 REWARD_NAMES: tuple[str, ...] = ("au", "accuracy", "format")
 
@@ -28,12 +28,12 @@ class ModelStageConfig:
     path: str = "runs/model/tiny"  # folder written by `model build-tiny`, or a hub id (GPU)
     dtype: str = "float32"  # auto | float32 | bfloat16 | float16
     attn_implementation: str | None = None  # e.g. flash_attention_2 on GPU; None = default
-    min_pixels: int | None = None  # override the processor's image limits (real models)
-    max_pixels: int | None = None
+    min_pixels: int | None = checked(None, ge=1)  # processor image limits (real models)
+    max_pixels: int | None = checked(None, ge=1)
     use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_r: int = checked(16, ge=1)
+    lora_alpha: int = checked(32, ge=1)
+    lora_dropout: float = checked(0.05, ge=0, le=1)
     lora_target_modules: list[str] | str = "all-linear"
     quantization: str | None = None  # 4bit | 8bit (QLoRA; GPU + bitsandbytes)
     merge_lora: bool = True  # merge the adapter into the saved final model
@@ -80,28 +80,28 @@ class TrainerCommon:
         ]
     )
     question: str | None = None  # None: each record's own question
-    max_samples: int | None = None  # cap on training records (after rejection)
-    max_steps: int = 1000  # <= 0: use num_train_epochs
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
+    max_samples: int | None = checked(None, ge=1)  # cap on training records (after rejection)
+    max_steps: int | None = checked(1000, ge=1)  # null: num_train_epochs
+    num_train_epochs: float = checked(1.0, gt=0)
+    per_device_train_batch_size: int = checked(16, ge=1)
+    gradient_accumulation_steps: int = checked(1, ge=1)
+    learning_rate: float = checked(1e-3, gt=0)
     lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
+    warmup_steps: int = checked(50, ge=0)
+    weight_decay: float = checked(0.0, ge=0)
+    max_grad_norm: float = checked(1.0, gt=0)
+    logging_steps: int = checked(10, ge=1)
+    save_steps: int = checked(500, ge=1)
+    save_total_limit: int | None = checked(2, ge=1)
     resume: bool = True  # resume from the last checkpoint in <output_dir>/checkpoints
     use_cpu: bool = True
     bf16: bool = False
     fp16: bool = False
     activation_checkpointing: bool = False
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = checked(0, ge=0)
     deepspeed: str | None = None  # DeepSpeed JSON (GPU profile)
     accelerate_config: str | None = None  # the launcher's config file (informational)
-    seed: int | None = None  # None: run.seed
+    seed: int | None = checked(None, ge=0)  # None: run.seed
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # extra TRL config fields
 
     def train_files(self) -> list[str]:
@@ -113,8 +113,9 @@ class TrainerCommon:
 class SFTStageConfig(TrainerCommon):
     """``sft``: supervised fine-tuning on unified JSONL whose ``description`` is the completion."""
 
-    hint_fraction: float = 0.33  # share of prompts with the ground-truth block (synthesis needs it)
-    max_length: int | None = 1024
+    # share of prompts with the ground-truth block (synthesis needs it)
+    hint_fraction: float = checked(0.33, ge=0, le=1)
+    max_length: int | None = checked(1024, ge=1)
     plain_loss: bool = True  # full-logits loss (CPU, small vocab); false: TRL's fused LM head
 
     def __post_init__(self) -> None:
@@ -130,26 +131,26 @@ class GRPOStageConfig(TrainerCommon):
     base_model: str | None = None  # None: the SFT model (sft.model_dir or <sft.output_dir>/model)
     reward_variant: str = "paper"  # paper | reference
     reward_weights: dict[str, float] = field(default_factory=dict)  # au/accuracy/format -> weight
-    num_generations: int = 4  # G
-    beta: float = 0.04  # KL coefficient
-    epsilon: float = 0.2  # clipping
-    epsilon_high: float | None = None
+    num_generations: int = checked(4, ge=2)  # G
+    beta: float = checked(0.04, ge=0)  # KL coefficient
+    epsilon: float = checked(0.2, ge=0)  # clipping
+    epsilon_high: float | None = checked(None, ge=0)
     loss_type: str = "grpo"  # the paper's per-sequence normalisation; TRL default is dapo
     scale_rewards: str = "group"
-    max_completion_length: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_iterations: int = 1
-    max_steps: int = 20
-    per_device_train_batch_size: int = 8
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
-    logging_steps: int = 1
-    save_steps: int = 10
+    max_completion_length: int = checked(96, ge=1)
+    temperature: float = checked(1.0, gt=0)
+    top_p: float = checked(1.0, gt=0, le=1)
+    num_iterations: int = checked(1, ge=1)
+    max_steps: int | None = checked(20, ge=1)
+    per_device_train_batch_size: int = checked(8, ge=1)
+    learning_rate: float = checked(1e-5, gt=0)
+    warmup_steps: int = checked(0, ge=0)
+    logging_steps: int = checked(1, ge=1)
+    save_steps: int = checked(10, ge=1)
     use_vllm: bool = False
     vllm_mode: str = "colocate"
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = checked(0.3, gt=0, le=1)
+    vllm_tensor_parallel_size: int = checked(1, ge=1)
     vllm_enable_sleep_mode: bool = False
     log_completions: bool = False
 

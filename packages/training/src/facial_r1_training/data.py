@@ -233,8 +233,10 @@ def to_dataset(rows: list[dict[str, Any]], image_column: str, *, decode: bool = 
 class SFTCollator:
     """Batches SFT rows for a Qwen2.5-VL-style processor; loss on the completion tokens only.
 
-    For each example the hinted prompt is used with probability ``hint_fraction`` (seeded), so
-    every face is seen both with and without hints over the epochs. The prompt is rendered with
+    For each example the hinted prompt is used with probability ``hint_fraction``, drawn from
+    (seed, batch number, position in the batch), so every face is seen both with and without
+    hints over the epochs, and a run resumed at step ``s`` (``calls = s * accumulation``) makes
+    the same draws as an uninterrupted one. The prompt is rendered with
     the processor's chat template (image block first, generation prompt added); the completion
     text is what the template appends for the assistant turn (content + end-of-turn), found once
     by rendering a sentinel. Rows are ``prompt ids + completion ids``, right-padded; ``labels``
@@ -265,7 +267,8 @@ class SFTCollator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.hint_fraction = float(hint_fraction)
         self.max_length = max_length
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.calls = 0  # batches collated so far (a resumed run sets it)
         self.hinted = 0
         self.seen = 0
         self.cache_bytes = int(cache_bytes)
@@ -405,10 +408,13 @@ class SFTCollator:
         rows, labels, mm_rows = [], [], []
         pixel_parts: dict[str, list] = {}
         has_mm = True
-        for example in examples:
+        batch = self.calls
+        self.calls += 1
+        for position, example in enumerate(examples):
             messages = example["prompt"]
             hint = example.get("hint_prompt")
-            if hint and self.hint_fraction > 0 and self.rng.random() < self.hint_fraction:
+            draw = random.Random(f"{self.seed}/{batch}/{position}").random
+            if hint and self.hint_fraction > 0 and draw() < self.hint_fraction:
                 messages = hint
                 self.hinted += 1
             self.seen += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facial_r1_core.config import checked
 from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
 
 from .generation import GenerationBackend, GenerationRequest, load_image
@@ -32,11 +33,11 @@ class EvaluateConfig:
     test_file: str = ""
     output_dir: str = "runs/evaluate"
     backend: str = "transformers"
-    batch_size: int = 32
-    max_new_tokens: int = 96
+    batch_size: int = checked(32, ge=1)
+    max_new_tokens: int = checked(96, ge=1)
     emotions: list[str] | None = None
     au_subset: str | None = None
-    limit: int = 0
+    limit: int = checked(0, ge=0)
     judge: dict[str, Any] = field(default_factory=dict)
     vllm: dict[str, Any] = field(default_factory=dict)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facial_r1_core.config import checked
 from facial_r1_core.schema import Record, atomic_write, iter_records_lenient, write_jsonl
 
 BALANCE_MODES = ("none", "cap", "resample")
@@ -39,13 +40,13 @@ class FilterConfig:
     seed_file: str = ""
     output_file: str = ""
     test_file: str = ""
-    test_fraction: float = 0.1
+    test_fraction: float = checked(0.1, ge=0, le=1)
     review_dir: str = "runs/review"
     work_dir: str = "runs/filter"
     balance: str = "none"
-    max_per_class: int = 0
-    max_oversample: float = 3.0
-    thumbnail_px: int = 96
+    max_per_class: int = checked(0, ge=0)
+    max_oversample: float = checked(3.0, ge=1)
+    thumbnail_px: int = checked(96, ge=1)
     seed: int = 0
 
 

@@ -41,6 +41,47 @@ class GenerationRequest:
     image: Any = None
     temperature: float = 0.0
     key: Any = None  # caller's bookkeeping (e.g. the sample index); backends ignore it
+    #: the row's own random stream (e.g. :func:`sample_seed` of seed, sample id and attempt):
+    #: its completion then does not depend on which rows share its batch. None: drawn from the
+    #: backend's seeded generator in request order.
+    seed: int | None = None
+
+
+def sample_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. run seed, sample key, attempt), stable across
+    processes and machines.
+
+    >>> sample_seed(0, "3:abc", 1) == sample_seed(0, "3:abc", 1) != sample_seed(0, "3:abc", 2)
+    True
+    """
+    import hashlib
+
+    blob = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+_M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 constants (as int64)
+_GOLDEN = -7046029254386353131
+
+
+def row_uniforms(seeds, steps):
+    """One uniform number in [0, 1) per row from its ``seeds`` and decoding ``steps`` (int64
+    tensors): a splitmix64-style hash, so a row's draws depend on nothing but its own seed and
+    position, never on the batch it decodes in.
+
+    >>> import torch
+    >>> u = row_uniforms(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]))
+    >>> alone = row_uniforms(torch.tensor([1]), torch.tensor([0]))
+    >>> bool(((u >= 0) & (u < 1)).all()), bool(u[0] == alone[0]), len(set(u.tolist()))
+    (True, True, 3)
+    """
+    import torch
+
+    x = seeds.to(torch.int64) + (steps.to(torch.int64) + 1) * _GOLDEN
+    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * _M1
+    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * _M2
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    return ((x >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
 
 
 @runtime_checkable
@@ -140,13 +181,14 @@ class ScriptedBackend:
 # transformers
 
 
-def pick_tokens(scores, temperatures, top_k: int = 0):
+def pick_tokens(scores, temperatures, top_k: int = 0, uniforms=None):
     """Next token per row: greedy where the row's temperature is 0, otherwise one draw from
     ``softmax(scores / T)`` (optionally restricted to the ``top_k`` best tokens).
 
     Sampling inverts the cumulative distribution with one uniform number per row: on CPU this
     is about five times faster than Gumbel-max or ``torch.multinomial``, whose cost is a random
-    number per vocabulary entry.
+    number per vocabulary entry. ``uniforms`` (one per row, e.g. :func:`row_uniforms`) replaces
+    the draws from torch's global generator.
 
     >>> import torch
     >>> pick_tokens(torch.tensor([[0.1, 3.0, 0.2]]), torch.tensor([0.0])).tolist()
@@ -165,7 +207,11 @@ def pick_tokens(scores, temperatures, top_k: int = 0):
         kth = sub.topk(top_k, dim=-1).values[:, -1:]
         sub = sub.masked_fill(sub < kth, float("-inf"))
     cdf = torch.softmax(sub, dim=-1).cumsum_(dim=-1)
-    u = torch.rand(len(hot), 1, device=scores.device) * cdf[:, -1:]
+    if uniforms is None:
+        u = torch.rand(len(hot), 1, device=scores.device)
+    else:
+        u = uniforms.to(scores.device).index_select(0, hot).unsqueeze(1).to(cdf.dtype)
+    u = u * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=sub.shape[-1] - 1)
     return picks.index_copy_(0, hot, drawn)
 
@@ -309,6 +355,10 @@ class TransformersBackend:
         out = self.model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         self.prefills += 1
         temps = [max(0.0, float(r.temperature)) for r in requests]
+        seeds = [
+            r.seed if r.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            for r in requests
+        ]
         return _Running(
             rows=torch.tensor(indices, dtype=torch.long),
             cache=out.past_key_values,
@@ -316,6 +366,7 @@ class TransformersBackend:
             last_positions=positions[..., -1:],
             temps=torch.tensor(temps, device=self.device),
             logits=out.logits[:, -1, :],
+            seeds=torch.tensor(seeds, dtype=torch.int64),
         )
 
     def _decode(self, requests: Sequence[GenerationRequest], progress=None) -> list[str]:
@@ -351,8 +402,9 @@ class TransformersBackend:
                         running = running.join(fresh)
                         self.joins += 1
                 self.row_steps += len(running.rows)
-                picked = pick_tokens(running.logits, running.temps, self.top_k)
                 rows = running.rows
+                uniforms = row_uniforms(running.seeds, lengths[rows])
+                picked = pick_tokens(running.logits, running.temps, self.top_k, uniforms)
                 tokens[rows, lengths[rows]] = (
                     picked.cpu()
                 )  # the end token too, as generate keeps it
@@ -398,7 +450,8 @@ class TransformersBackend:
 @dataclass
 class _Running:
     """The rows decoding together: request indices, KV cache, attention mask, the last position
-    ids (``[..., rows, 1]``), temperatures and the logits for each row's next token."""
+    ids (``[..., rows, 1]``), temperatures, the logits for each row's next token and each row's
+    random seed (CPU)."""
 
     rows: Any
     cache: Any
@@ -406,6 +459,7 @@ class _Running:
     last_positions: Any
     temps: Any
     logits: Any
+    seeds: Any
 
     def select(self, keep) -> None:
         self.cache.batch_select_indices(keep)
@@ -413,6 +467,7 @@ class _Running:
         self.mask = self.mask[keep]
         self.last_positions = self.last_positions.index_select(-2, keep)
         self.temps = self.temps[keep]
+        self.seeds = self.seeds[keep.cpu()]
 
     def advance(self, model, picked) -> None:
         """Feed each row's picked token; ``logits`` become the next step's."""
@@ -459,6 +514,7 @@ class _Running:
         self.rows = torch.cat([self.rows, other.rows])
         self.last_positions = torch.cat([self.last_positions, other.last_positions], dim=-2)
         self.temps = torch.cat([self.temps, other.temps])
+        self.seeds = torch.cat([self.seeds, other.seeds])
         self.logits = torch.cat([self.logits, other.logits])
         return self
 
@@ -531,12 +587,13 @@ class VLLMBackend:
             **opts.extra,
         )
 
-    def _params(self, temperature: float):
+    def _params(self, temperature: float, seed: int | None = None):
         return self._vllm.SamplingParams(
             temperature=max(0.0, float(temperature)),
             top_k=self.top_k if self.top_k > 0 else -1,
             max_tokens=self.max_new_tokens,
             stop=["<|im_end|>"],
+            seed=seed,
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
@@ -552,7 +609,7 @@ class VLLMBackend:
                     item["multi_modal_data"] = {"image": r.image}
                 prompts.append(item)
             results = self.llm.generate(
-                prompts, [self._params(r.temperature) for r in chunk], use_tqdm=True
+                prompts, [self._params(r.temperature, r.seed) for r in chunk], use_tqdm=True
             )
             out.extend(res.outputs[0].text for res in results)
         return out

@@ -26,7 +26,9 @@ from typing import Any
 from .configs import REWARD_NAMES, GRPOStageConfig, SFTStageConfig
 from .data import grpo_rows, load_records, to_dataset
 from .trainer_common import (
+    begin_training,
     common_args,
+    exact_resume,
     last_checkpoint,
     mlflow_callback,
     model_section,
@@ -75,8 +77,6 @@ def default_base_model(ctx) -> str:
 
 def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     """The body of ``facial-r1 grpo`` (see :func:`facial_r1_training.stage.run_stage`)."""
-    import shutil
-
     from trl import GRPOConfig, GRPOTrainer
 
     from .models import load_model_and_processor
@@ -87,6 +87,10 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     if not files:
         raise ValueError("grpo.train_file is empty: give the unified JSONL to train on")
     _, ckpt_dir, model_dir = output_paths(ctx, cfg)
+    base = resolve_model(ctx, cfg.base_model) if cfg.base_model else default_base_model(ctx)
+    state = begin_training(ctx, cfg, base=base, files=files)
+    if state.done:
+        return state.result["outputs"], state.result["metrics"]
 
     items, report = load_records(files, require_labels=True, max_samples=cfg.max_samples)
     log.info("grpo data: %s", report.summary())
@@ -97,7 +101,6 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     dataset = to_dataset(grpo_rows(items, cfg.emotions, cfg.question), "image")
 
-    base = resolve_model(ctx, cfg.base_model) if cfg.base_model else default_base_model(ctx)
     model, processor = load_model_and_processor(
         base,
         dtype=mcfg.dtype,
@@ -135,7 +138,7 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     grpo_args = GRPOConfig(**targs)
 
     callback = mlflow_callback(ctx)
-    trainer = GRPOTrainer(
+    trainer = exact_resume(GRPOTrainer)(
         model=model,
         reward_funcs=reward_funcs(cfg.reward_variant),
         args=grpo_args,
@@ -143,9 +146,7 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         processing_class=processor,
         callbacks=[callback],
     )
-    if not cfg.resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    resume_from = last_checkpoint(ckpt_dir) if cfg.resume else None
+    resume_from = last_checkpoint(ckpt_dir) if state.status == "resume" else None
     start_step = 0
     if resume_from:
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
@@ -213,4 +214,6 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
             metrics[name] = value
     if s_per_step is not None:
         metrics["s_per_step"] = round(s_per_step, 4)
-    return {"model": str(model_dir), "checkpoints": str(ckpt_dir)}, metrics
+    outputs = {"model": str(model_dir), "checkpoints": str(ckpt_dir)}
+    state.complete(outputs, metrics, [model_dir])
+    return outputs, metrics

@@ -8,7 +8,9 @@ only (conversational prompt-completion rows). ``sft.plain_loss`` computes the lo
 completion positions' logits (fast on CPU with a small vocabulary); false uses TRL's fused,
 chunked LM-head loss (memory-lean for 150k-token vocabularies on GPU). Images are cached by
 the collator as pixel values, once per run. Checkpoints in ``<output_dir>/checkpoints``; a
-rerun resumes from the newest complete checkpoint unless ``resume`` is false (``--fresh``).
+rerun resumes from the newest complete checkpoint (``resume`` false or ``--fresh`` starts
+over); a finished run re-run with the same inputs and settings returns its result without
+training, and a changed fingerprint is refused (:func:`trainer_common.begin_training`).
 The final model + processor are written atomically to ``<output_dir>/model``.
 """
 
@@ -22,7 +24,9 @@ from typing import Any
 from .configs import SFTStageConfig
 from .data import SFTCollator, load_records, sft_rows, to_dataset
 from .trainer_common import (
+    begin_training,
     common_args,
+    exact_resume,
     last_checkpoint,
     mlflow_callback,
     model_section,
@@ -37,8 +41,6 @@ log = logging.getLogger("facial_r1.sft")
 
 def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     """The body of ``facial-r1 sft`` (see :func:`facial_r1_training.stage.run_stage`)."""
-    import shutil
-
     from trl import SFTConfig
 
     from .models import load_model_and_processor
@@ -49,6 +51,10 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     if not files:
         raise ValueError("sft.train_file is empty: give the unified JSONL to train on")
     _, ckpt_dir, model_dir = output_paths(ctx, cfg)
+    base = resolve_model(ctx, cfg.base_model or mcfg.path)
+    state = begin_training(ctx, cfg, base=base, files=files)
+    if state.done:
+        return state.result["outputs"], state.result["metrics"]
 
     items, report = load_records(files, require_description=True, max_samples=cfg.max_samples)
     log.info("sft data: %s", report.summary())
@@ -62,7 +68,6 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     # image paths, not decoded images: the collator caches each image's pixel values once
     dataset = to_dataset(sft_rows(items, cfg.emotions, cfg.question), "images", decode=False)
 
-    base = resolve_model(ctx, cfg.base_model or mcfg.path)
     model, processor = load_model_and_processor(
         base,
         dtype=mcfg.dtype,
@@ -85,7 +90,7 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         processor, hint_fraction=cfg.hint_fraction, seed=sft_args.seed, max_length=cfg.max_length
     )
     callback = mlflow_callback(ctx, extra=lambda: {"hinted_share": collator.hinted_share})
-    trainer_cls = plain_loss_trainer() if cfg.plain_loss else _trl_sft_trainer()
+    trainer_cls = exact_resume(plain_loss_trainer() if cfg.plain_loss else _trl_sft_trainer())
     trainer = trainer_cls(
         model=model,
         args=sft_args,
@@ -94,15 +99,14 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         data_collator=collator,
         callbacks=[callback],
     )
-    if not cfg.resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    resume_from = last_checkpoint(ckpt_dir) if cfg.resume else None
+    resume_from = last_checkpoint(ckpt_dir) if state.status == "resume" else None
     start_step = 0
     if resume_from:
         start_step = json.loads((ctx.path(resume_from) / "trainer_state.json").read_text()).get(
             "global_step", 0
         )
         log.info("resuming SFT from %s (step %s)", resume_from, start_step)
+        collator.calls = start_step * cfg.gradient_accumulation_steps  # the same hint draws
     ctx.set_tags({"resumed_from_step": start_step, "base_model": base})
 
     t0 = time.time()
@@ -148,6 +152,7 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     if losses:
         metrics["final_loss"] = losses[-1]
     outputs = {"model": str(model_dir), "checkpoints": str(ckpt_dir)}
+    state.complete(outputs, metrics, [model_dir])
     return outputs, metrics
 
 

@@ -12,10 +12,16 @@ Scheduling is batched: each round hands the backend up to ``round_size`` unfinis
 batches stay full until the input runs dry.
 
 Every finished sample (accepted, rejected after its last retry, or bad input) is appended to a
-journal (JSONL, flushed and fsync'd per round) before anything else happens to it. A run
-that is killed restarts from the journal: finished samples are skipped, unfinished ones start
-over, nothing is duplicated. The accepted and rejected files are written atomically from the
-journal at the end, and ``read == accepted + rejected`` is checked.
+journal (JSONL, flushed and fsync'd per round) before anything else happens to it; one run at a
+time holds the journal's lock. A run that is killed restarts from the journal: finished samples
+are skipped, unfinished ones start over, nothing is duplicated, and a damaged journal line is
+dropped (logged with its line number, counted as ``journal_damaged``) and its sample redone.
+Each attempt samples from its own seed (run seed, sample, attempt), so the resumed run accepts
+exactly what an uninterrupted one would. The accepted and rejected files are written atomically
+from the journal at the end, and ``read == accepted + rejected`` is checked. The stage contract's
+resume rule (:mod:`facial_r1_core.resume`) returns a finished run's result without generating,
+and refuses (exit 2) a work folder made with another input, model or settings unless
+``--fresh``.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facial_r1_core.config import checked
+from facial_r1_core.resume import StageStateError
 from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
 
-from .generation import GenerationBackend, GenerationRequest, load_image
+from .generation import GenerationBackend, GenerationRequest, load_image, sample_seed
 
 JOURNAL_KIND = "facial-r1 synthesis journal"
 # A round hands the backend this many batches' worth of samples: a continuously batching backend
@@ -53,16 +61,16 @@ class SynthesisConfig:
     rejected_file: str = ""
     work_dir: str = "runs/synthesis"
     backend: str = "transformers"
-    batch_size: int = 32
-    round_size: int = 0  # samples per generate call; 0 = ROUND_BATCHES x batch_size
-    max_retries: int = 5
-    temperature: float = 0.7
-    temperature_step: float = 0.0
-    max_temperature: float = 1.2
-    max_new_tokens: int = 96
-    top_k: int = 0
+    batch_size: int = checked(32, ge=1)
+    round_size: int = checked(0, ge=0)  # samples per generate call; 0 = ROUND_BATCHES x batch_size
+    max_retries: int = checked(5, ge=0)
+    temperature: float = checked(0.7, ge=0)
+    temperature_step: float = checked(0.0, ge=0)
+    max_temperature: float = checked(1.2, ge=0)
+    max_new_tokens: int = checked(96, ge=1)
+    top_k: int = checked(0, ge=0)
     emotions: list[str] | None = None
-    limit: int = 0
+    limit: int = checked(0, ge=0)
     vllm: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,8 +78,8 @@ class SynthesisInterruptedError(RuntimeError):
     """Raised by the ``stop_after`` test hook once that many samples are journaled."""
 
 
-class JournalMismatchError(RuntimeError):
-    """The journal on disk belongs to another input file."""
+class JournalMismatchError(StageStateError):
+    """The journal on disk belongs to another input, model or settings (exit 2)."""
 
 
 def temperature_for(attempt: int, cfg: SynthesisConfig) -> float:
@@ -96,55 +104,126 @@ def file_sha256(path: str | os.PathLike) -> str:
 # journal
 
 
-class Journal:
-    """Append-only JSONL of finished samples; the first line is a header naming the input."""
+class JournalLockedError(RuntimeError):
+    """Another synthesize run holds the journal's lock."""
 
-    def __init__(self, path: str | os.PathLike, signature: str, input_path: str):
+
+def _entry_problem(data: Any) -> str:
+    """Why a parsed journal entry cannot be trusted, or ''."""
+    from facial_r1_core.schema import RecordError
+
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    key = data.get("key")
+    if not isinstance(key, str) or not key:
+        return "no 'key'"
+    if not isinstance(data.get("line"), int) or isinstance(data.get("line"), bool):
+        return "no integer 'line'"
+    if not key.startswith(f"{data['line']}:"):
+        return f"key {key!r} does not match line {data['line']}"
+    status = data.get("status")
+    if status not in ("accepted", "rejected"):
+        return f"status {status!r} is neither accepted nor rejected"
+    if not isinstance(data.get("attempts"), int):
+        return "no integer 'attempts'"
+    if status == "accepted":
+        try:
+            rec = Record.from_dict(data.get("record"))
+        except RecordError as exc:
+            return f"accepted record invalid: {exc}"
+        if not rec.description:
+            return "accepted record without a description"
+    elif data.get("record") is not None and not isinstance(data.get("record"), dict):
+        return "rejected entry's record is not an object"
+    return ""
+
+
+class Journal:
+    """Append-only JSONL of finished samples; the first line is a header naming the input.
+
+    One writer at a time: an exclusive ``fcntl`` lock on ``<journal>.lock`` is held while the
+    journal is open (released by the kernel when the process dies, so a killed run never leaves
+    it locked). On resume every line is checked (:func:`_entry_problem`): a damaged, torn,
+    key-less or duplicate line is dropped with its line number logged and counted in
+    ``damaged``, its sample is simply redone, and every later line is kept; the journal is
+    then rewritten without the dropped lines.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, signature: str, input_path: str, *, fresh: bool = False
+    ):
         self.path = Path(path)
         self.entries: dict[str, dict[str, Any]] = {}
+        self.damaged: list[tuple[int, str]] = []  # (journal line number, reason)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"kind": JOURNAL_KIND, "input": input_path, "signature": signature}
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._load(signature)
-            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        else:
-            self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
-            self._handle.write(json.dumps(header) + "\n")
-            self._sync()
+        self._lock = _acquire_lock(self.path)
+        try:
+            if fresh and self.path.exists():
+                self.path.unlink()
+            header = {"kind": JOURNAL_KIND, "input": input_path, "signature": signature}
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._load(signature)
+                if self.damaged:
+                    self._rewrite(header)
+                self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            else:
+                self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+                self._handle.write(json.dumps(header) + "\n")
+                self._sync()
+        except BaseException:
+            self._lock.close()
+            raise
 
     def _load(self, signature: str) -> None:
         with open(self.path, "rb") as handle:
             blob = handle.read()
-        good_end = 0
-        offset = 0
+        lines = blob.split(b"\n")
+        torn = lines.pop() if lines else b""  # after the last newline: empty unless cut short
         first = True
-        for raw in blob.split(b"\n"):
-            end = offset + len(raw) + 1
-            if raw.strip():
-                if end > len(blob):  # no trailing newline: the write was cut short
-                    break
-                try:
-                    data = json.loads(raw)
-                except json.JSONDecodeError:
-                    break  # a torn line from a kill: drop it and everything after
-                if first:
-                    if data.get("kind") != JOURNAL_KIND:
-                        raise JournalMismatchError(f"{self.path}: not a synthesis journal")
-                    if data.get("signature") != signature:
-                        raise JournalMismatchError(
-                            f"{self.path}: journal of another run (input {data.get('input')}; "
-                            "input content, model or generation settings differ)"
-                        )
-                    first = False
-                else:
-                    self.entries[data["key"]] = data
-                good_end = end
-            offset = end
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = None
+            if first:
+                if not isinstance(data, dict) or data.get("kind") != JOURNAL_KIND:
+                    raise JournalMismatchError(
+                        f"{self.path}: line 1 is not a synthesis journal header"
+                    )
+                if data.get("signature") != signature:
+                    raise JournalMismatchError(
+                        f"{self.path}: journal of another run (input {data.get('input')}; "
+                        "input content, model or generation settings differ)"
+                    )
+                first = False
+                continue
+            problem = "not valid JSON" if data is None else _entry_problem(data)
+            if not problem and data["key"] in self.entries:
+                problem = f"sample {data['key']} journaled twice"
+            if problem:
+                self.damaged.append((number, problem))
+                continue
+            self.entries[data["key"]] = data
         if first:
-            raise JournalMismatchError(f"{self.path}: journal without a header; delete it")
-        if good_end < len(blob):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(good_end)
+            raise JournalMismatchError(f"{self.path}: journal without a header")
+        if torn.strip():
+            self.damaged.append((len(lines) + 1, "cut short (no newline)"))
+        for number, problem in self.damaged:
+            log.warning(
+                "%s:%d: damaged journal line dropped (%s); its sample is redone",
+                self.path,
+                number,
+                problem,
+            )
+
+    def _rewrite(self, header: dict[str, Any]) -> None:
+        """The journal without its dropped lines (atomic: a crash keeps the old one)."""
+        with atomic_write(self.path) as handle:
+            handle.write(json.dumps(header) + "\n")
+            for entry in self.entries.values():
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def _sync(self) -> None:
         self._handle.flush()
@@ -154,15 +233,36 @@ class Journal:
         return key in self.entries
 
     def append(self, entries: list[dict[str, Any]]) -> None:
+        blob = []
         for entry in entries:
             if entry["key"] in self.entries:
                 raise AssertionError(f"sample {entry['key']} journaled twice")
-            self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self.entries[entry["key"]] = entry
+            blob.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._handle.write("".join(blob))
         self._sync()
+        for entry in entries:
+            self.entries[entry["key"]] = entry
 
     def close(self) -> None:
         self._handle.close()
+        self._lock.close()
+
+
+def _acquire_lock(journal: Path):
+    """An open file holding an exclusive, non-blocking ``flock`` on ``<journal>.lock``."""
+    import fcntl
+
+    lock_path = journal.with_name(journal.name + ".lock")
+    handle = open(lock_path, "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise JournalLockedError(
+            f"another synthesize run holds {journal} (lock {lock_path}); wait for it to end, "
+            "or give this run another synthesis.work_dir"
+        ) from None
+    return handle
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +288,7 @@ class SynthesisSummary:
     accepted: int = 0
     rejected: int = 0
     resumed: int = 0
+    journal_damaged: int = 0  # journal lines dropped on resume (their samples were redone)
     generated: int = 0
     backend_calls: int = 0
     wall_time_s: float = 0.0
@@ -202,6 +303,7 @@ class SynthesisSummary:
             "rejected": self.rejected,
             "acceptance_rate": round(rate, 4),
             "resumed": self.resumed,
+            "journal_damaged": self.journal_damaged,
             "generated": self.generated,
             "backend_calls": self.backend_calls,
             "accepted_per_s": round(self.accepted / self.wall_time_s, 3)
@@ -284,10 +386,17 @@ def synthesize(
     journal: Journal,
     *,
     emotions: list[str],
+    seed: int = 0,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> SynthesisSummary:
-    """Run the batched generate-check-retry loop over the input, journaling finished samples."""
+    """Run the batched generate-check-retry loop over the input, journaling finished samples.
+
+    Each attempt samples with its own seed, :func:`generation.sample_seed` of (``seed``, the
+    sample's key, the attempt number): a sample's completions depend on nothing else, so a run
+    killed anywhere and resumed accepts exactly what an uninterrupted run accepts, whatever the
+    batch and round sizes.
+    """
     from facial_r1_core.filter import check
     from facial_r1_core.prompts import synthesis_prompt
 
@@ -350,6 +459,7 @@ def synthesize(
                 image=p.image,
                 temperature=temperature_for(p.attempts, cfg),
                 key=p.key,
+                seed=sample_seed(seed, p.key, p.attempts),
             )
             for p in batch
         ]
@@ -470,11 +580,28 @@ def model_fingerprint(model_path: str | os.PathLike) -> str:
     return "|".join(parts)
 
 
-def run_signature(input_file: str | os.PathLike, cfg: SynthesisConfig, model_id: str) -> str:
+def generation_settings(cfg: SynthesisConfig, seed: int) -> dict[str, Any]:
+    """The settings a sample's completions depend on (batch and round sizes do not count)."""
+    return {
+        "seed": seed,
+        "backend": cfg.backend,
+        "emotions": cfg.emotions,
+        "max_retries": cfg.max_retries,
+        "temperature": [cfg.temperature, cfg.temperature_step, cfg.max_temperature],
+        "max_new_tokens": cfg.max_new_tokens,
+        "top_k": cfg.top_k,
+        "limit": cfg.limit,
+    }
+
+
+def run_signature(
+    input_file: str | os.PathLike, cfg: SynthesisConfig, model_id: str, seed: int = 0
+) -> str:
     """What must match for a journal to be resumed: input content, model, generation settings."""
     settings = {
         "input_sha256": file_sha256(input_file),
         "model": model_id,
+        "seed": seed,
         "emotions": cfg.emotions,
         "max_retries": cfg.max_retries,
         "temperature": [cfg.temperature, cfg.temperature_step, cfg.max_temperature],
@@ -491,6 +618,7 @@ def run(
     *,
     emotions: list[str],
     model_id: str = "",
+    seed: int = 0,
     fresh: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
@@ -506,16 +634,13 @@ def run(
     rejected_path = Path(cfg.rejected_file) if cfg.rejected_file else rejected_default
     work = Path(cfg.work_dir)
     journal_path = work / "journal.jsonl"
-    if fresh and journal_path.exists():
-        journal_path.unlink()
-    signature = run_signature(input_file, cfg, model_id)
+    signature = run_signature(input_file, cfg, model_id, seed)
     try:
-        journal = Journal(journal_path, signature, str(input_file))
+        journal = Journal(journal_path, signature, str(input_file), fresh=fresh)
     except JournalMismatchError as exc:
-        stale = journal_path.with_name(journal_path.name + ".stale")
-        log.warning("%s: starting over (old journal kept as %s)", exc, stale)
-        os.replace(journal_path, stale)
-        journal = Journal(journal_path, signature, str(input_file))
+        raise JournalMismatchError(
+            f"{exc}; pass --fresh to start over (the journal is discarded)"
+        ) from None
     try:
         summary = synthesize(
             input_file,
@@ -523,12 +648,14 @@ def run(
             cfg,
             journal,
             emotions=emotions,
+            seed=seed,
             stop_after=stop_after,
             progress=progress,
         )
+        summary.journal_damaged = len(journal.damaged)
+        finalize(journal, summary, accepted_path, rejected_path)
     finally:
         journal.close()
-    finalize(journal, summary, accepted_path, rejected_path)
     stats = {
         **summary.metrics(),
         "reject_codes": summary.reject_codes,
@@ -586,10 +713,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", help="model folder or hub id (synthesize.model_path)")
     parser.add_argument("--output", help="accepted JSONL (synthesize.output_file)")
     parser.add_argument("--limit", type=int, help="at most N input records (synthesize.limit)")
-    parser.add_argument(
-        "--fresh", action="store_true", help="ignore an existing journal and start over"
-    )
-    add_stage_arguments(parser)
+    add_stage_arguments(parser, resumable=True)
     parser.set_defaults(func=main)
 
 
@@ -615,7 +739,6 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     from .generation import create_backend
 
     cfg: SynthesisConfig = ctx.config
-    args = ctx.args
     if not cfg.model_path:
         raise ValueError("synthesize.model_path is not set (or pass --model)")
     cfg.input_file = str(ctx.path(cfg.input_file)) if cfg.input_file else ""
@@ -624,6 +747,24 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
             setattr(cfg, name, str(ctx.path(getattr(cfg, name))))
     cfg.work_dir = str(ctx.path(cfg.work_dir))
     model_path = resolve_model_path(ctx, cfg.model_path)
+    if not cfg.input_file:
+        raise ValueError("synthesize.input_file is not set (or pass INPUT)")
+    accepted_default, rejected_default = default_output_paths(cfg.input_file)
+    state = ctx.resume_state(
+        cfg.work_dir,
+        inputs={"input_file": cfg.input_file, "model": model_path},
+        settings={
+            "synthesis": {
+                **generation_settings(cfg, ctx.seed),
+                "output_file": cfg.output_file or str(accepted_default),
+                "rejected_file": cfg.rejected_file or str(rejected_default),
+            }
+        },
+        leftovers=(Path(cfg.work_dir) / "journal.jsonl").exists(),
+    )
+    if state.done:
+        log.info("synthesis finished earlier with the same inputs and settings (--fresh redoes it)")
+        return state.result["outputs"], state.result["metrics"]
     backend = create_backend(
         cfg.backend,
         model_path,
@@ -638,11 +779,13 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         backend,
         emotions=prompt_emotions(cfg.emotions),
         model_id=model_fingerprint(model_path),
-        fresh=bool(getattr(args, "fresh", False)),
+        seed=ctx.seed,
+        fresh=state.status == "new",
     )
     ctx.log_artifact(outputs["stats"])
     ctx.log_artifact(outputs["rejected"], "synthesis")
     metrics = {**summary.metrics(), "wall_time_s": round(summary.wall_time_s, 3)}
     for code, count in summary.reject_codes.items():
         metrics[f"reject_{code}"] = count
+    state.complete(outputs, metrics, [outputs["accepted"], outputs["rejected"]])
     return outputs, metrics

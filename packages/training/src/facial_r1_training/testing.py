@@ -91,3 +91,65 @@ def write_profile(path: str | os.PathLike, sections: dict[str, Any]) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
+
+
+def stage_env(home: str | os.PathLike, **extra: str) -> dict[str, str]:
+    """The environment of a stage subprocess: project home, one thread, offline hub."""
+    env = {
+        **os.environ,
+        "FACIAL_R1_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **extra,
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def kill_when(
+    argv: list[str],
+    ready,
+    *,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 240.0,
+    poll_s: float = 0.01,
+) -> bool:
+    """Start ``argv`` in its own process group and SIGKILL the group as soon as ``ready()`` is
+    true (polled every ``poll_s``). Returns True if it was killed, False if it ended first
+    (or the timeout passed: then it is killed too and an error is raised)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout_s
+    try:
+        while proc.poll() is None:
+            if ready():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                return True
+            if time.time() > deadline:
+                raise TimeoutError(f"{argv[:5]} neither ended nor became ready in {timeout_s}s")
+            time.sleep(poll_s)
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def jsonl_lines(path: str | os.PathLike) -> int:
+    """Complete lines in a file (0 when it does not exist yet)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().count(b"\n")
+    except FileNotFoundError:
+        return 0

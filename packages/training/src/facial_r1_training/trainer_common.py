@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,11 @@ def output_paths(ctx, cfg: TrainerCommon) -> tuple[Path, Path, Path]:
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest complete ``checkpoint-N`` folder (one with trainer_state.json), or None."""
+    """The newest complete ``checkpoint-N`` folder, or None.
+
+    Complete: its ``trainer_state.json`` (the trainer writes it last) parses; a checkpoint cut
+    short by a kill while that file was written is passed over.
+    """
     if not checkpoint_dir.is_dir():
         return None
     done = []
@@ -51,9 +58,68 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
                 step = int(child.name.split("-", 1)[1])
             except ValueError:
                 continue
-            if (child / "trainer_state.json").is_file():
+            if _readable_state(child / "trainer_state.json"):
                 done.append((step, child))
     return str(max(done)[1]) if done else None
+
+
+#: Keys that do not change what a training run produces (or that enter the fingerprint by
+#: content: the train files and the base model), left out of the resume fingerprint.
+NOT_FINGERPRINTED = (
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "resume",
+    "dataloader_num_workers",
+    "output_dir",
+    "model_dir",
+    "accelerate_config",
+    "train_file",
+    "base_model",
+)
+
+
+def begin_training(ctx, cfg: TrainerCommon, *, base: str, files: list[Path]):
+    """The resume rule for a training stage (:meth:`StageContext.resume_state`).
+
+    Fingerprint: the train files' and the base model's content, the stage's settings (except
+    :data:`NOT_FINGERPRINTED`), the ``model`` section's loading settings and the seed. Returns
+    the state: ``done`` (return ``state.result``), ``resume`` (from the newest checkpoint) or
+    ``new`` (checkpoints of an earlier run are removed first).
+    """
+    out, ckpt_dir, _ = output_paths(ctx, cfg)
+    fresh = not cfg.resume
+    model = dataclasses.asdict(model_section(ctx))
+    settings = {
+        ctx.section: {
+            k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED
+        },
+        "model": {k: v for k, v in model.items() if k not in ("path", "tiny")},
+        "run": {"seed": cfg.seed if cfg.seed is not None else ctx.seed},
+    }
+    state = ctx.resume_state(
+        out,
+        inputs={"train_file": [str(f) for f in files], "base_model": base},
+        settings=settings,
+        fresh=fresh,
+        leftovers=last_checkpoint(ckpt_dir) is not None,
+    )
+    if state.status == "new" and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    if state.done:
+        log.info(
+            "%s: finished earlier with the same inputs and settings; returning that result "
+            "(pass --fresh to train again)",
+            ctx.stage,
+        )
+    return state
+
+
+def _readable_state(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]:
@@ -61,7 +127,7 @@ def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]
     seed = cfg.seed if cfg.seed is not None else ctx.seed
     args: dict[str, Any] = {
         "output_dir": str(checkpoint_dir),
-        "max_steps": cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
+        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,  # None: epochs
         "num_train_epochs": cfg.num_train_epochs,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -89,6 +155,38 @@ def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]
         args["deepspeed"] = str(ctx.path(cfg.deepspeed))
     args.update(cfg.trainer_kwargs)
     return args
+
+
+def exact_resume(trainer_cls):
+    """``trainer_cls`` whose resume loads the checkpoint's weights through ``from_pretrained``.
+
+    ``save_pretrained`` writes a model's weights under their checkpoint names (for Qwen2.5-VL:
+    ``model.layers.*``, ``visual.*``), while the Trainer's resume loads the file into the live
+    model by its runtime names (``model.language_model.layers.*``, ``model.visual.*``) without
+    strictness: no weight matches, and the run silently continues from the base weights. Here
+    the checkpoint is loaded by the model class (which maps the names) and copied in strictly.
+    LoRA adapters, sharded, FSDP and DeepSpeed checkpoints keep the Trainer's own path.
+    """
+    from .models import is_peft_model
+
+    class ExactResume(trainer_cls):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            target = model if model is not None else self.model
+            weights = Path(resume_from_checkpoint) / "model.safetensors"
+            if (
+                not weights.is_file()
+                or is_peft_model(target)
+                or getattr(self, "is_fsdp_enabled", False)
+                or not hasattr(type(target), "from_pretrained")
+            ):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            dtype = next(target.parameters()).dtype
+            loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+            target.load_state_dict(loaded.state_dict(), strict=True)
+            log.info("loaded the weights of %s", resume_from_checkpoint)
+
+    ExactResume.__name__ = ExactResume.__qualname__ = trainer_cls.__name__
+    return ExactResume
 
 
 def mlflow_callback(ctx, extra=None):
