@@ -1,7 +1,8 @@
 """``facial-r1 score``: parse, reward and filter completions in a JSONL file.
 
-Each input line holds ``completion`` plus the record's ``AUs`` and ``labels``; every other field
-passes through. A malformed line is reported with its number and counted; it never stops the run
+Each input line holds ``completion`` plus the record's ``AUs`` and ``labels`` (and, for a frame
+coded with no AU active, the record's ``meta_info.aus_annotated``); every other field passes
+through. A malformed line is reported with its number and counted; it never stops the run
 and never shifts the other lines. Exit 0 when all lines scored, 1 when some were malformed,
 2 on usage errors.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from .filter import check
 from .metrics import au_metrics, emotion_metrics
 from .rewards import VARIANTS, score
-from .schema import atomic_write
+from .schema import atomic_write, aus_annotated
 from .vocab import UnknownLabelError, normalize_au, try_normalize_emotion
 
 EXIT_OK, EXIT_MALFORMED, EXIT_USAGE = 0, 1, 2
@@ -64,9 +65,12 @@ def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
     unknown = [x for x in labels if try_normalize_emotion(x) is None]
     if unknown:
         raise MalformedLineError(f"field 'labels': unknown emotion label(s) {unknown}")
+    annotated = aus_annotated(row)
     try:
-        verdict = check(completion, aus, labels)
-        rewards = score(completion, aus, labels, variant, parsed=verdict.parsed)
+        verdict = check(completion, aus, labels, aus_annotated=annotated)
+        rewards = score(
+            completion, aus, labels, variant, parsed=verdict.parsed, aus_annotated=annotated
+        )
     except TypeError as exc:
         raise MalformedLineError(f"field 'completion': {exc}") from None
     return {
@@ -118,7 +122,7 @@ def score_file(
                 emo_true.append(labels[0])
                 predicted = out["parsed"]["emotion"]
                 emo_pred.append(predicted[0] if len(predicted) == 1 else None)
-            if out.get("AUs"):
+            if aus_annotated(out):
                 au_true.append([normalize_au(a) for a in out["AUs"]])
                 au_pred.append(out["parsed"]["aus"])
     elapsed = time.perf_counter() - started

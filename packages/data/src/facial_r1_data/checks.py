@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
-from facial_r1_core.schema import Record, RecordError, record_id
+from facial_r1_core.schema import Record, RecordError, aus_annotated, record_id
 from facial_r1_core.vocab import AU_NAMES, UnknownLabelError, normalize_au, normalize_emotion
 
 try:  # optional speed-up; the standard library is the fallback
@@ -190,8 +190,7 @@ class LineChecker:
 def has_annotation(d: dict[str, Any]) -> bool:
     """True when the record carries an emotion, an AU, or says which AUs were coded (so an
     empty AU list means 'none active', e.g. a neutral DISFA frame)."""
-    meta = d.get("meta_info") or {}
-    return bool(d.get("labels") or d.get("AUs") or meta.get("aus_annotated"))
+    return bool(d.get("labels")) or aus_annotated(d)
 
 
 class IdIndex:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
+from facial_r1_core.schema import Record, atomic_write, aus_annotated, iter_records_lenient
 
 from .generation import GenerationBackend, GenerationRequest, load_image
 
@@ -364,7 +364,9 @@ def synthesize(
         done: list[dict[str, Any]] = []
         for p, req, text in zip(batch, requests, completions, strict=True):
             p.attempts += 1
-            verdict = check(text, p.record.AUs, p.record.labels)
+            verdict = check(
+                text, p.record.AUs, p.record.labels, aus_annotated=aus_annotated(p.record)
+            )
             if verdict.accepted:
                 rec = Record.from_dict(p.record.to_dict())
                 rec.description = text.strip()
