@@ -438,7 +438,8 @@ class PromotionLock:
     Acquire = create that registered model with a unique holder token (atomic in MLflow's store:
     a second create of the same name fails with RESOURCE_ALREADY_EXISTS); release = delete it if
     it is still ours. A lock older than ``stale_after_s`` (the server's creation time) is taken
-    to be left by a killed promoter and broken. Waiting longer than ``timeout_s`` is a
+    to be left by a killed promoter and broken (this assumes the promoters' clocks and the
+    server's agree to within minutes). Waiting longer than ``timeout_s`` is a
     :class:`PromotionError` naming the holder.
     """
 
