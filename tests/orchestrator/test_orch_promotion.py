@@ -103,6 +103,27 @@ def test_never_promotes_a_worse_candidate(cand, champ, delta):
         assert not d.promote
 
 
+evaluations = st.builds(
+    promotion.Evaluation,
+    st.floats(0, 1),
+    n=st.sampled_from([0, 5, 160]),
+    fingerprint=st.sampled_from(["a", "b", None]),
+)
+
+
+@given(evaluations, st.one_of(st.none(), evaluations), st.floats(0, 0.2))
+def test_decision_never_compares_unlike_evaluations(cand, champ, delta):
+    d = decide(cand, champ, delta)
+    if cand.n == 0:
+        assert not d.promote
+    elif champ is None or champ.n == 0:
+        assert d.promote
+    elif cand.fingerprint != champ.fingerprint:
+        assert not d.promote and "fingerprint" in d.reason
+    else:
+        assert d.promote == (cand.score > champ.score + delta)
+
+
 @given(st.floats(0, 1), st.floats(0, 1))
 def test_score_is_the_documented_mean(acc, au):
     assert math.isclose(promotion.score(metrics(acc, au)), 0.5 * acc + 0.5 * au, abs_tol=1e-6)
