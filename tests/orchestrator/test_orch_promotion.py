@@ -11,9 +11,17 @@ from facial_r1_pipeline.promotion import PromotionError, decide
 from hypothesis import given
 from hypothesis import strategies as st
 
+TEST_160 = "f" * 64  # the held-out split's fingerprint in these tests
 
-def metrics(acc: float, au: float) -> dict[str, float]:
-    return {"emotion_accuracy": acc, "au_f1_micro": au, "format_rate": 1.0}
+
+def metrics(acc: float, au: float, n: int = 160, fingerprint: str = TEST_160) -> dict:
+    return {
+        "emotion_accuracy": acc,
+        "au_f1_micro": au,
+        "format_rate": 1.0,
+        "n": n,
+        "test_set_fingerprint": fingerprint,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +101,27 @@ def test_never_promotes_a_worse_candidate(cand, champ, delta):
     assert d.promote == (cand > champ + delta)
     if cand <= champ:
         assert not d.promote
+
+
+evaluations = st.builds(
+    promotion.Evaluation,
+    st.floats(0, 1),
+    n=st.sampled_from([0, 5, 160]),
+    fingerprint=st.sampled_from(["a", "b", None]),
+)
+
+
+@given(evaluations, st.one_of(st.none(), evaluations), st.floats(0, 0.2))
+def test_decision_never_compares_unlike_evaluations(cand, champ, delta):
+    d = decide(cand, champ, delta)
+    if cand.n == 0:
+        assert not d.promote
+    elif champ is None or champ.n == 0:
+        assert d.promote
+    elif cand.fingerprint != champ.fingerprint:
+        assert not d.promote and "fingerprint" in d.reason
+    else:
+        assert d.promote == (cand.score > champ.score + delta)
 
 
 @given(st.floats(0, 1), st.floats(0, 1))
@@ -203,3 +232,137 @@ def test_failed_task_marks_the_iteration_failed_and_a_rerun_reopens_it(project, 
     assert lineage.next_iteration(client, exp) == 1  # a failed iteration is not "done"
     again, reused = lineage.open_iteration_run(client, exp, 1, "k", tags={}, params={})
     assert reused and again == parent and client.get_run(parent).info.status == "RUNNING"
+
+
+# ------------------------------------------------------------------ issue reproductions
+
+
+def test_out_of_range_metric_is_refused_by_name(registry):
+    client, _, name, _ = registry
+    with pytest.raises(PromotionError, match=r"'emotion_accuracy' = 7\.0 is outside \[0, 1\]"):
+        promotion.score(metrics(7.0, 0.5))
+    with pytest.raises(PromotionError, match="'au_f1_macro'"):
+        promotion.check_metrics({**metrics(0.5, 0.5), "au_f1_macro": -0.1})
+    with pytest.raises(PromotionError, match="'n'"):
+        promotion.check_metrics({**metrics(0.5, 0.5), "n": 2.5})
+    with pytest.raises(PromotionError, match="'rege_emotion'"):
+        promotion.check_metrics({**metrics(0.5, 0.5), "rege_emotion": 250.0})
+    promotion.check_metrics({**metrics(0.5, 0.5), "rege_emotion": 150.0})  # REGE is 0-200
+    v1, run1 = candidate(registry, "seven")
+    with pytest.raises(PromotionError, match="emotion_accuracy"):
+        promotion.promote(client, name, v1, metrics(7.0, 0.5), parent_run_id=run1)
+    assert promotion.champion_score(client, name) == (None, None)
+
+
+def test_zero_record_evaluation_never_promotes_even_without_champion(registry):
+    client, _, name, _ = registry
+    d = decide(promotion.Evaluation(0.0, n=0, fingerprint="e"), None)
+    assert not d.promote and "0 records" in d.reason
+    v1, run1 = candidate(registry, "empty")
+    with pytest.raises(PromotionError, match="0 records"):
+        promotion.promote(client, name, v1, metrics(0.0, 0.0, n=0), parent_run_id=run1)
+    assert promotion.champion_score(client, name) == (None, None)
+    with pytest.raises(PromotionError, match="test_set_fingerprint"):
+        promotion.promote(client, name, v1, metrics(0.5, 0.5, fingerprint=""), parent_run_id=run1)
+    assert promotion.champion_score(client, name) == (None, None)
+
+
+def test_candidate_on_5_records_is_not_compared_with_champion_on_160(registry):
+    client, _, name, _ = registry
+    v1, run1 = candidate(registry, "full")
+    promotion.promote(client, name, v1, metrics(0.5, 0.5), parent_run_id=run1)
+    v2, run2 = candidate(registry, "five")
+    r = promotion.promote(client, name, v2, metrics(1.0, 1.0, 5, "a" * 64), parent_run_id=run2)
+    assert not r["promoted"] and "different test sets" in r["reason"]
+    assert "5 vs 160 records" in r["reason"]
+    assert champion_version(client, name) == int(v1.version)
+    tags = client.get_model_version(name, v2.version).tags
+    assert tags["eval.n"] == "5" and tags["promotion.decision"] == "kept_champion"
+
+
+def test_champion_without_fingerprint_is_not_compared(registry):
+    client, _, name, _ = registry
+    v1, _ = candidate(registry, "legacy")
+    client.set_model_version_tag(name, v1.version, "score", "0.3")  # recorded by older code
+    client.set_registered_model_alias(name, "champion", v1.version)
+    v2, run2 = candidate(registry, "new")
+    r = promotion.promote(client, name, v2, metrics(0.9, 0.9), parent_run_id=run2)
+    assert not r["promoted"] and "no test-set fingerprint" in r["reason"]
+    assert champion_version(client, name) == int(v1.version)
+
+
+def test_rerun_of_the_champions_iteration_never_rewrites_its_score(registry):
+    client, _, name, _ = registry
+    v1, run1 = candidate(registry, "champ")
+    first = promotion.promote(client, name, v1, metrics(0.8, 0.8), parent_run_id=run1)
+    assert first["promoted"] and first["candidate_score"] == pytest.approx(0.8)
+    again, _ = candidate(registry, "champ")  # the same iteration re-run: the same version
+    assert again.version == v1.version
+    r = promotion.promote(client, name, again, metrics(0.4, 0.4), parent_run_id=run1)
+    assert "already the champion" in r["reason"] and "kept as rerun." in r["reason"]
+    assert r["candidate_score"] == pytest.approx(0.8) and r["evaluated_score"] == pytest.approx(0.4)
+    tags = client.get_model_version(name, v1.version).tags
+    assert float(tags["score"]) == pytest.approx(0.8)  # the recorded score stays
+    assert float(tags["eval.emotion_accuracy"]) == pytest.approx(0.8)
+    reruns = {k: v for k, v in tags.items() if k.startswith("rerun.") and k.endswith(".score")}
+    assert list(map(float, reruns.values())) == [pytest.approx(0.4)]
+    assert champion_version(client, name) == int(v1.version)
+    assert client.get_run(run1).data.metrics["rerun_score"] == pytest.approx(0.4)
+    # a better candidate is still compared with the recorded 0.8, not the re-run's 0.4
+    v2, run2 = candidate(registry, "next")
+    r2 = promotion.promote(client, name, v2, metrics(0.6, 0.6), parent_run_id=run2)
+    assert not r2["promoted"] and r2["champion_score"] == pytest.approx(0.8)
+
+
+def test_rerun_of_a_non_champion_decides_with_its_recorded_score(registry):
+    client, _, name, _ = registry
+    v1, run1 = candidate(registry, "c")
+    promotion.promote(client, name, v1, metrics(0.7, 0.7), parent_run_id=run1)
+    v2, run2 = candidate(registry, "low")
+    assert not promotion.promote(client, name, v2, metrics(0.5, 0.5), parent_run_id=run2)[
+        "promoted"
+    ]
+    again, _ = candidate(registry, "low")
+    r = promotion.promote(client, name, again, metrics(0.95, 0.95), parent_run_id=run2)
+    assert not r["promoted"] and "recorded score 0.5000" in r["reason"]
+    assert champion_version(client, name) == int(v1.version)
+
+
+def test_champion_moved_since_the_decision_is_decided_again(registry):
+    client, _, name, _ = registry
+    v1, run1 = candidate(registry, "base")
+    promotion.promote(client, name, v1, metrics(0.5, 0.5), parent_run_id=run1)
+    v2, run2 = candidate(registry, "best")
+    promotion.promote(client, name, v2, metrics(0.9, 0.9), parent_run_id=run2)
+    v3, _ = candidate(registry, "mid")
+    ev = promotion.Evaluation(0.6, n=160, fingerprint=TEST_160)
+    promotion.record_evaluation(client, name, v3, ev, {})
+    # decided against v1 (0.5): promote; meanwhile v2 (0.9) became champion
+    stale = decide(ev, promotion.Evaluation(0.5, n=160, fingerprint=TEST_160))
+    assert stale.promote
+    d, compared = promotion.move_champion(client, name, v3, ev, v1, stale)
+    assert not d.promote and "re-decided" in d.reason and int(compared.version) == int(v2.version)
+    assert champion_version(client, name) == int(v2.version)
+
+
+def test_lock_is_exclusive_and_a_stale_lock_is_broken(registry):
+    client, _, name, _ = registry
+    promotion.ensure_registered_model(client, name)
+    held = promotion.PromotionLock(client, name)
+    held.acquire()
+    other = promotion.PromotionLock(client, name, timeout_s=0.5, poll_s=0.05)
+    with pytest.raises(PromotionError, match="another promotion holds the lock"):
+        other.acquire()
+    held.release()
+    with other:  # free again
+        assert client.get_registered_model(other.lock_name).tags["holder"] == other.token
+    stale = promotion.PromotionLock(client, name)
+    stale.acquire()  # never released, as if its process was killed
+    breaker = promotion.PromotionLock(client, name, stale_after_s=0.0, poll_s=0.01)
+    with breaker:
+        assert client.get_registered_model(breaker.lock_name).tags["holder"] == breaker.token
+    stale.release()  # no longer its lock: leaves the registry alone
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        client.get_registered_model(breaker.lock_name)

@@ -1,8 +1,9 @@
 """The synthesis filter ``S(y)`` (paper Eq. 8), plus the negative-wording rule of the prompt.
 
 A completion is accepted iff its format is valid, its AU set equals the truth (skipped when the
-record has no AU annotation), its label set equals the truth (skipped without labels) and its
-think block holds no negative wording. The reasons feed the reflective error prompt.
+record has no AU annotation; on a frame coded with no AU active, naming any AU is wrong), its
+label set equals the truth (skipped without labels) and its think block holds no negative
+wording. The reasons feed the reflective error prompt.
 
 >>> r = check("<think>Brows lowered (AU4).</think><answer>anger</answer>",
 ...           ["AU4", "AU7"], ["anger"])
@@ -40,8 +41,12 @@ def check(
     completion: Any,
     AUs: Sequence[str] | None,
     labels: Sequence[str] | None,
+    *,
+    aus_annotated: bool | None = None,
 ) -> FilterResult:
     """Apply ``S(y)`` and the negative-wording rule; collect the reasons for rejection.
+    ``aus_annotated``: :func:`facial_r1_core.schema.aus_annotated` of the record (None: annotated
+    iff ``AUs`` is non-empty).
 
     >>> check("<think>Cheeks raised (AU6), smiling (AU12).</think><answer>happiness</answer>",
     ...       ["AU6", "AU12"], ["happiness"]).accepted
@@ -64,7 +69,7 @@ def check(
             "non-empty <answer>...</answer> and nothing else",
         )
     truth_aus = _truth_aus(AUs)
-    if truth_aus:
+    if truth_aus or aus_annotated:
         named = set(parsed.aus)
         missing = sort_aus(truth_aus - named)
         extra = sort_aus(named - truth_aus)

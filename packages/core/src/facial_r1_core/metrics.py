@@ -69,12 +69,18 @@ def au_metrics(
     subset: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
     """AU F1 over samples: micro (pooled counts), macro (mean over AUs with at least one positive
-    in the truth) and per AU. ``subset`` limits the AUs: a list, or ``"bp4d"`` / ``"disfa"``;
-    None means every AU present in the truth.
+    in the truth), per AU, and ``average_f1``, the mean of the per-AU F1 over every AU of the
+    list (the BP4D-12 / DISFA-8 protocols' figure when ``subset`` names one). ``subset`` limits
+    the AUs: a list, or ``"bp4d"`` / ``"disfa"``; None means every AU present in the truth.
+
+    Pass every AU-annotated sample, including frames coded with no AU active (an empty truth
+    set): an AU named on such a frame is a false positive.
 
     >>> m = au_metrics([{"AU1"}, {"AU1", "AU4"}], [{"AU1"}, {"AU4"}])
     >>> m["per_au"]["AU1"]["f1"], m["per_au"]["AU4"]["f1"], round(m["macro_f1"], 4)
     (0.6666666666666666, 1.0, 0.8333)
+    >>> round(au_metrics([{"AU1"}, set()], [{"AU1"}, {"AU1"}])["micro_f1"], 4)
+    0.6667
     """
     if len(true_sets) != len(pred_sets):
         raise ValueError(f"{len(true_sets)} truths for {len(pred_sets)} predictions")
@@ -102,6 +108,7 @@ def au_metrics(
     return {
         "micro_f1": _f1(total_tp, total_fp, total_fn),
         "macro_f1": sum(scored) / len(scored) if scored else 0.0,
+        "average_f1": sum(v["f1"] for v in per_au.values()) / len(per_au) if per_au else 0.0,
         "per_au": per_au,
         "aus": aus,
         "n": len(truths),

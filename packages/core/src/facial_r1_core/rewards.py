@@ -1,8 +1,11 @@
 """GRPO rewards as TRL reward functions: ``f(completions, **dataset_columns) -> list[float]``.
 
 Completions may be plain strings or conversational (``[{"role": "assistant", "content": ...}]``).
-The dataset columns used are ``AUs`` and ``labels`` of the unified record; an empty or missing
-list means "not annotated". Total reward ``R = R_AU + R_acc + R_format`` (paper, Eq. 2).
+The dataset columns used are ``AUs`` and ``labels`` of the unified record, and the optional
+boolean column ``aus_annotated`` (:func:`facial_r1_core.schema.aus_annotated` of the record): an
+empty ``AUs`` list means "AUs coded, none active" when ``aus_annotated`` is true, and "not
+annotated" otherwise (or when the column is absent); an empty ``labels`` list means "not
+annotated". Total reward ``R = R_AU + R_acc + R_format`` (paper, Eq. 2).
 
 Two variants: ``paper`` (the paper's definitions, default) and ``reference`` (what the authors'
 code computes), so numbers can be compared either way.
@@ -67,25 +70,40 @@ def emotion_correct(parsed: ParsedCompletion, labels: Sequence[str]) -> bool:
     return len(parsed.emotions) == len(truth) and set(parsed.emotions) == set(truth)
 
 
+def _annotated(truth: set[str], flag: Any) -> bool:
+    return bool(truth) or bool(flag)
+
+
 def au_reward(
-    completions: Sequence[Any], AUs: Sequence[Any] | None = None, **_: Any
+    completions: Sequence[Any],
+    AUs: Sequence[Any] | None = None,
+    aus_annotated: Sequence[Any] | None = None,
+    **_: Any,
 ) -> list[float]:
-    """Paper AU reward: F1 of the named AUs against the truth in [0, 1]; 0.0 when none are
-    named; a constant 0.0 when the record has no AU annotation.
+    """Paper AU reward: F1 of the named AUs against the truth in [0, 1] (0.0 when none are named
+    but some are active; 1.0 when none are named on a frame coded with none active); a constant
+    0.0 when the record has no AU annotation.
 
     >>> au_reward(["<think>Brows raised (AU1, AU2).</think><answer>surprise</answer>",
     ...            "<think>Calm face.</think><answer>neutral</answer>"],
     ...           AUs=[["AU1", "AU2", "AU5"], ["AU1"]])
     [0.8, 0.0]
+    >>> au_reward(["<think>Calm face.</think><answer>neutral</answer>",
+    ...            "<think>Brows lowered (AU4).</think><answer>anger</answer>",
+    ...            "<think>Calm face.</think><answer>neutral</answer>"],
+    ...           AUs=[[], [], []], aus_annotated=[True, True, False])
+    [1.0, 0.0, 0.0]
     """
+    n = len(completions)
     rewards = []
-    for completion, aus in zip(completions, _column(AUs, len(completions)), strict=True):
+    for completion, aus, flag in zip(
+        completions, _column(AUs, n), _column(aus_annotated, n), strict=True
+    ):
         truth = _truth_aus(aus)
-        if not truth:
+        if not _annotated(truth, flag):
             rewards.append(0.0)
             continue
-        named = set(parse_completion(completion).aus)
-        rewards.append(f1_score(named, truth) if named else 0.0)
+        rewards.append(f1_score(set(parse_completion(completion).aus), truth))
     return rewards
 
 
@@ -95,6 +113,9 @@ def au_reward_reference(
     **_: Any,
 ) -> list[float]:
     """Reference-code AU reward: ``2*F1 - 1``; -1.0 when no AU is named; 0.0 without annotation.
+
+    The authors' code has no "coded, none active" convention: an empty ``AUs`` list is "not
+    annotated" here whatever the ``aus_annotated`` column says.
 
     >>> au_reward_reference(["<think>(AU1)</think><answer>fear</answer>", "<think>x</think>"],
     ...                     AUs=[["AU1"], ["AU4"]])
@@ -175,8 +196,11 @@ def score(
     variant: str = "paper",
     *,
     parsed: ParsedCompletion | None = None,
+    aus_annotated: bool | None = None,
 ) -> dict[str, float]:
     """All rewards of one completion and their sum (pass ``parsed`` to skip re-parsing).
+    ``aus_annotated``: the record's flag (see the module docstring); None means "annotated iff
+    ``AUs`` is non-empty".
 
     >>> score("<think>Smile (AU12), cheeks up (AU6).</think><answer>happy</answer>",
     ...       ["AU6", "AU12"], ["happiness"])
@@ -187,13 +211,16 @@ def score(
     parsed = parsed or parse_completion(completion)
     reference = variant == "reference"
     truth_aus = _truth_aus(AUs)
-    if not truth_aus:
-        au = 0.0
-    elif not parsed.aus:
-        au = -1.0 if reference else 0.0
+    if reference:
+        if not truth_aus:
+            au = 0.0
+        elif not parsed.aus:
+            au = -1.0
+        else:
+            au = 2 * f1_score(set(parsed.aus), truth_aus) - 1
     else:
-        f1 = f1_score(set(parsed.aus), truth_aus)
-        au = 2 * f1 - 1 if reference else f1
+        annotated = _annotated(truth_aus, aus_annotated)
+        au = f1_score(set(parsed.aus), truth_aus) if annotated else 0.0
     if not _truth_labels(labels):
         accuracy = 0.5 if reference else 0.0
     else:

@@ -2,7 +2,9 @@
 
 One JSON object per line: ``id``, ``dataset``, ``image``, ``question``, ``AUs``, ``labels``,
 ``description``, ``meta_info``. ``image`` is a path relative to ``<root>/<dataset>/``. An empty
-``AUs`` (or ``labels``) list means "not annotated".
+``labels`` list means "not annotated". An empty ``AUs`` list means "not annotated" too, unless
+``meta_info.aus_annotated`` says which AUs were coded (``"all"`` or a list of codes): then it
+means "AUs coded, none active" (a neutral frame), and :func:`aus_annotated` is True.
 
 >>> rec = Record.create(dataset="Demo", image="a/1.png", question="Which emotion?",
 ...                     AUs=["au 6", "AU12"], labels=["Happy"])
@@ -18,7 +20,7 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +221,28 @@ class Record:
     def emotion(self) -> str | None:
         """The single ground-truth emotion, or None when unannotated or multi-labelled."""
         return self.labels[0] if len(self.labels) == 1 else None
+
+
+def aus_annotated(record: Record | Mapping[str, Any]) -> bool:
+    """Whether the record's ``AUs`` list is ground truth (the one definition every stage uses).
+
+    True when the record names at least one AU, or when ``meta_info.aus_annotated`` is ``"all"``
+    or a non-empty list of the AU codes that were coded: an empty ``AUs`` list then means "coded,
+    none active". Works on a :class:`Record` or on its dict form.
+
+    >>> aus_annotated({"AUs": [], "meta_info": {"aus_annotated": "all"}})
+    True
+    >>> aus_annotated({"AUs": []}), aus_annotated({"AUs": ["AU4"]})
+    (False, True)
+    """
+    if isinstance(record, Record):
+        aus, meta = record.AUs, record.meta_info
+    else:
+        aus, meta = record.get("AUs"), record.get("meta_info")
+    if aus:
+        return True
+    coded = meta.get("aus_annotated") if isinstance(meta, Mapping) else None
+    return coded == "all" or (isinstance(coded, list) and len(coded) > 0)
 
 
 def _dedupe(items: Iterable[str]) -> list[str]:

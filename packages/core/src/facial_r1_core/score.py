@@ -1,7 +1,8 @@
 """``facial-r1 score``: parse, reward and filter completions in a JSONL file.
 
-Each input line holds ``completion`` plus the record's ``AUs`` and ``labels``; every other field
-passes through (``AUs`` and ``labels`` normalised, as for every record). Lines are read by core's
+Each input line holds ``completion`` plus the record's ``AUs`` and ``labels`` (and, for a frame
+coded with no AU active, the record's ``meta_info.aus_annotated``); every other field passes
+through (``AUs`` and ``labels`` normalised, as for every record). Lines are read by core's
 one reader: a line longer than the line-size limit, invalid UTF-8 or JSON, a wrong type or an
 unknown label/AU is reported with file, line and field, and the run stops with exit 2 before
 anything is scored. With ``--skip-bad-records`` such lines are reported and counted instead, never
@@ -27,6 +28,7 @@ from .schema import (
     RecordError,
     add_skip_bad_records_argument,
     atomic_write,
+    aus_annotated,
     aus_field,
     ensure_not_input,
     iter_raw_lines,
@@ -64,9 +66,12 @@ def score_row(row: Any, variant: str = "paper") -> dict[str, Any]:
         labels = labels_field(row.get("labels"))[0]
     except RecordError as exc:
         raise MalformedLineError(str(exc)) from None
+    annotated = aus_annotated(row)
     try:
-        verdict = check(completion, aus, labels)
-        rewards = score(completion, aus, labels, variant, parsed=verdict.parsed)
+        verdict = check(completion, aus, labels, aus_annotated=annotated)
+        rewards = score(
+            completion, aus, labels, variant, parsed=verdict.parsed, aus_annotated=annotated
+        )
     except TypeError as exc:
         raise MalformedLineError(f"field 'completion': {exc}") from None
     return {
@@ -180,7 +185,7 @@ def score_file(
                 emo_true.append(labels[0])
                 predicted = out["parsed"]["emotion"]
                 emo_pred.append(predicted[0] if len(predicted) == 1 else None)
-            if out["AUs"]:
+            if aus_annotated(out):
                 au_true.append(out["AUs"])
                 au_pred.append(out["parsed"]["aus"])
     elapsed = time.perf_counter() - started

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from facial_r1_core.schema import IdIndex, Record
+from facial_r1_core.schema import IdIndex, Record, aus_annotated
 
 __all__ = ["IdIndex", "has_annotation"]
 
@@ -19,6 +19,5 @@ def has_annotation(rec: Record | dict[str, Any]) -> bool:
     """True when the record carries an emotion, an AU, or says which AUs were coded (so an
     empty AU list means 'none active', e.g. a neutral DISFA frame)."""
     if isinstance(rec, Record):
-        return bool(rec.labels or rec.AUs or (rec.meta_info or {}).get("aus_annotated"))
-    meta = rec.get("meta_info") or {}
-    return bool(rec.get("labels") or rec.get("AUs") or meta.get("aus_annotated"))
+        return bool(rec.labels) or aus_annotated(rec)
+    return bool(rec.get("labels")) or aus_annotated(rec)

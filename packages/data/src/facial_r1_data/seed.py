@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.config import checked
-from facial_r1_core.schema import Record, iter_records_lenient, write_jsonl
+from facial_r1_core.schema import Record, aus_annotated, iter_records_lenient, write_jsonl
 from facial_r1_core.vocab import BASIC_EMOTIONS, EMOTIONS
 
 log = logging.getLogger("facial_r1.data.seed")
@@ -159,7 +159,7 @@ class _Job:
         check = _filter().check
         if self.teacher.name == "template":
             text = self.teacher.complete_record(rec)
-            result = check(text, rec.AUs, rec.labels)
+            result = check(text, rec.AUs, rec.labels, aus_annotated=aus_annotated(rec))
             if result.accepted:
                 return True, _accepted(rec, text, "template", 1), 1
             return False, _rejected(rec, result.reasons, result.codes, 1, text), 1
@@ -189,7 +189,7 @@ class _Job:
                     _rejected(rec, [f"teacher error: {exc}"], ["teacher_error"], attempts, ""),
                     attempts,
                 )
-            result = check(text, rec.AUs, rec.labels)
+            result = check(text, rec.AUs, rec.labels, aus_annotated=aus_annotated(rec))
             if result.accepted:
                 return True, _accepted(rec, text, self.teacher.settings.model, attempts), attempts
             reasons, codes = result.reasons, result.codes

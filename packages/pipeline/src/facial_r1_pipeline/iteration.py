@@ -520,7 +520,8 @@ def promote(
     model = _model_of({"grpo": grpo}, "grpo")
     source = model if "://" in model else str((Path(ctx["repo"]) / model).resolve())
     metrics = evaluation.get("metrics") or {}
-    promotion.score(metrics)  # fail before registering anything when the evaluation is unusable
+    fingerprint = (evaluation.get("outputs") or {}).get(promotion.FINGERPRINT)
+    promotion.evaluation_from(metrics, fingerprint)  # unusable evaluation: fail, register nothing
     parent = ctx["parent_run_id"]
     tags = {
         "git_commit": lineage.git_commit(ctx["repo"]),
@@ -531,11 +532,6 @@ def promote(
         "iteration": str(ctx["iteration"]),
         "grpo_run_id": grpo.get("mlflow_run_id") or "",
         "evaluate_run_id": evaluation.get("mlflow_run_id") or "",
-        **{
-            f"eval.{k}": v
-            for k, v in metrics.items()
-            if k in ("emotion_accuracy", "au_f1_micro", "au_f1_macro", "format_rate")
-        },
     }
     version = promotion.register_candidate(
         client,
@@ -552,6 +548,7 @@ def promote(
         metrics,
         parent_run_id=parent,
         min_delta=float(ctx.get("min_delta", 0.0)),
+        test_set_fingerprint=fingerprint,
     )
     summary = build_summary(
         ctx, {**(upstream or {}), "grpo": grpo, "evaluate": evaluation}, data, decision

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.prompts import DEFAULT_QUESTION, sft_prompt, synthesis_prompt
-from facial_r1_core.schema import Record, iter_records_lenient
+from facial_r1_core.schema import Record, aus_annotated, iter_records_lenient
 
 log = logging.getLogger("facial_r1.data")
 
@@ -148,7 +148,7 @@ def load_records(
             if require_description and not rec.description.strip():
                 reject("empty_description", "description (the completion) is empty")
                 continue
-            if require_labels and not rec.AUs and not rec.labels:
+            if require_labels and not aus_annotated(rec) and not rec.labels:
                 reject("no_labels", "record has neither AUs nor an emotion label")
                 continue
             image_path = rec.image_path(root)
@@ -206,6 +206,7 @@ def grpo_rows(
                 {"role": "user", "content": sft_prompt(_question(item.record, question), emotions)}
             ],
             "AUs": list(item.record.AUs),
+            "aus_annotated": aus_annotated(item.record),
             "labels": list(item.record.labels),
         }
         for item in items

@@ -2,8 +2,20 @@
 
 Metrics (all from :mod:`facial_r1_core.metrics`, via the one parser): format rate, emotion
 accuracy overall and per class with the confusion matrix, AU F1 micro/macro/per AU (optionally on
-the BP4D or DISFA protocol subset), ROUGE-L of the reasoning against the reference description
-when the test set has descriptions, and the optional LLM judge (failures reported as failures).
+the BP4D or DISFA protocol subset) over every AU-annotated record, frames coded with no AU
+active included (:func:`facial_r1_core.schema.aus_annotated`; an AU named on such a frame is a
+false positive), the per-AU average F1 over BP4D-12 / DISFA-8 for the test records of those
+datasets, ROUGE-L of the reasoning against the reference description and REGE (FABA's definition,
+:func:`facial_r1_core.metrics.rege`) when the test set has descriptions, and the optional LLM
+judge (failures reported as failures).
+
+Every result carries ``n`` (records scored) and ``test_set_fingerprint``: the sha256 of the
+scored records' ids and ground truth (one canonical JSON line ``[id, AUs, aus_annotated,
+labels]`` per record, sorted by id). Two evaluations share a fingerprint exactly when they scored
+the same records against the same truth, whatever the line order of the file; ``--limit``, a
+skipped image or a changed label gives another fingerprint. Promotion compares scores only
+between evaluations with the same fingerprint. An empty test set (no record could be scored) or a
+negative ``--limit`` is a usage error (exit 2): there is no result to compare.
 
 Outputs in ``evaluate.output_dir``: ``predictions.jsonl``, ``report.json``, ``report.md``,
 ``confusion.png``, ``au_f1.png``; all logged to the stage's MLflow run. Records whose image is
@@ -19,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facial_r1_core.config import checked
-from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
+from facial_r1_core.config import ConfigError, checked
+from facial_r1_core.schema import Record, atomic_write, aus_annotated, iter_records_lenient
 
 from .generation import GenerationBackend, GenerationRequest, load_image
 
@@ -40,6 +52,36 @@ class EvaluateConfig:
     limit: int = checked(0, ge=0)
     judge: dict[str, Any] = field(default_factory=dict)
     vllm: dict[str, Any] = field(default_factory=dict)
+
+
+#: Dataset-name prefixes (lower case, without ``-`` / ``_``) of the AU protocols reported apart.
+AU_PROTOCOLS = {"bp4d": "au_f1_bp4d12", "disfa": "au_f1_disfa8"}
+
+
+class EmptyTestSetError(ConfigError):
+    """Nothing to score: an empty test file, or every record skipped (exit 2, no result)."""
+
+
+def fingerprint_test_set(records: list[Record]) -> str:
+    """sha256 of the scored records' ids and truth, independent of their order.
+
+    >>> a = Record.create(dataset="D", image="1.png", question="q", AUs=["AU4"], labels=["anger"])
+    >>> b = Record.create(dataset="D", image="2.png", question="q", labels=["fear"])
+    >>> fingerprint_test_set([a, b]) == fingerprint_test_set([b, a]) != fingerprint_test_set([a])
+    True
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for rec in sorted(records, key=lambda r: r.id):
+        row = [rec.id, sorted(rec.AUs), aus_annotated(rec), sorted(rec.labels)]
+        digest.update(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _protocol(dataset: str) -> str | None:
+    key = dataset.lower().replace("-", "").replace("_", "")
+    return next((p for p in AU_PROTOCOLS if key.startswith(p)), None)
 
 
 def _single(labels) -> str | None:
@@ -86,6 +128,14 @@ def load_test_set(path: Path, limit: int = 0) -> tuple[list[tuple[Record, Any]],
     return ready, skipped
 
 
+def check_limit(limit: Any) -> None:
+    """``evaluate.limit`` / ``--limit``: 0 (every record) or a positive count."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigError(
+            f"evaluate.limit (--limit) must be 0 (all records) or a positive count, got {limit!r}"
+        )
+
+
 def compute_metrics(
     records: list[Record],
     completions: list[str],
@@ -93,7 +143,7 @@ def compute_metrics(
     au_subset: str | None = None,
 ) -> dict[str, Any]:
     """The report body: every metric, from records and their completions."""
-    from facial_r1_core.metrics import au_metrics, emotion_metrics, rouge_l
+    from facial_r1_core.metrics import au_metrics, emotion_metrics, rege, rouge_l
     from facial_r1_core.parser import parse_completion
 
     parsed = [parse_completion(c) for c in completions]
@@ -108,12 +158,23 @@ def compute_metrics(
         [_single(parsed[i].emotions) for i in emo_idx],
         classes=classes,
     )
-    au_idx = [i for i, r in enumerate(records) if r.AUs]
+    au_idx = [i for i, r in enumerate(records) if aus_annotated(r)]
     report["au"] = au_metrics(
         [set(records[i].AUs) for i in au_idx],
         [set(parsed[i].aus) for i in au_idx],
         subset=au_subset,
     )
+    report["au"]["au_free"] = sum(1 for i in au_idx if not records[i].AUs)
+    protocols = {}
+    for protocol in AU_PROTOCOLS:
+        idx = [i for i in au_idx if _protocol(records[i].dataset) == protocol]
+        if idx:
+            m = au_metrics(
+                [set(records[i].AUs) for i in idx], [set(parsed[i].aus) for i in idx], protocol
+            )
+            protocols[protocol] = {k: m[k] for k in ("average_f1", "micro_f1", "per_au", "n")}
+    if protocols:
+        report["au_protocols"] = protocols
     ref_idx = [i for i, r in enumerate(records) if r.description.strip()]
     if ref_idx:
         report["rouge_l"] = rouge_l(
@@ -121,6 +182,24 @@ def compute_metrics(
             [_reasoning(records[i].description) for i in ref_idx],
         )
         report["rouge_l_n"] = len(ref_idx)
+        # REGE on the records with a description: FABA adds the recognition score (emotion
+        # accuracy for the emotion task, AU F1 for the AU task) to ROUGE-L, both in percent.
+        ref_emo = [i for i in ref_idx if _single(records[i].labels)]
+        if ref_emo:
+            acc = emotion_metrics(
+                [records[i].labels[0] for i in ref_emo],
+                [_single(parsed[i].emotions) for i in ref_emo],
+                classes=classes,
+            )["accuracy"]
+            report["rege_emotion"] = rege(acc, report["rouge_l"])
+        ref_au = [i for i in ref_idx if aus_annotated(records[i])]
+        if ref_au:
+            f1 = au_metrics(
+                [set(records[i].AUs) for i in ref_au],
+                [set(parsed[i].aus) for i in ref_au],
+                subset=au_subset,
+            )["micro_f1"]
+            report["rege_au"] = rege(f1, report["rouge_l"])
     return report
 
 
@@ -136,8 +215,13 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
         "au_n": report["au"]["n"],
         "negative_wording_rate": report["negative_wording_rate"],
     }
+    for protocol, key in AU_PROTOCOLS.items():
+        if protocol in report.get("au_protocols", {}):
+            out[key] = report["au_protocols"][protocol]["average_f1"]
     for key in (
         "rouge_l",
+        "rege_emotion",
+        "rege_au",
         "skipped",
         "images_per_s",
         "judge_score_mean",
@@ -156,7 +240,8 @@ def markdown_report(report: dict[str, Any], title: str = "Facial-R1 evaluation")
         f"# {title}",
         "",
         f"Model: `{report.get('model', '')}`  ",
-        f"Test set: `{report.get('test_file', '')}`",
+        f"Test set: `{report.get('test_file', '')}` ({report['n']} records scored, "
+        f"fingerprint `{report.get('test_set_fingerprint', '')[:16]}`)",
         "",
         "| metric | value |",
         "|---|---|",
@@ -256,11 +341,22 @@ def evaluate(
     model_id: str = "",
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Generate, score, write the report files; returns (report, output paths)."""
+    """Generate, score, write the report files; returns (report, output paths).
+
+    :class:`EmptyTestSetError` (a :class:`ConfigError`: exit 2) when no record can be scored.
+    """
     from facial_r1_core.prompts import sft_prompt
 
+    check_limit(cfg.limit)
     ready, skipped = load_test_set(test_file, cfg.limit)
     records = [r for r, _ in ready]
+    if not records:
+        first = f" (first: line {skipped[0]['line']}: {skipped[0]['reason']})" if skipped else ""
+        raise EmptyTestSetError(
+            f"no record to evaluate in {test_file}: {len(skipped)} read, all skipped{first}"
+            if skipped
+            else f"test file {test_file} holds no records: nothing to evaluate"
+        )
     requests = [
         GenerationRequest(prompt=sft_prompt(r.question, emotions), image=img, temperature=0.0)
         for r, img in ready
@@ -281,6 +377,8 @@ def evaluate(
     report.update(
         model=model_id,
         test_file=str(test_file),
+        test_set_fingerprint=fingerprint_test_set(records),
+        limit=cfg.limit,
         read=len(ready) + len(skipped),
         skipped=len(skipped),
         skipped_lines=skipped,
@@ -411,6 +509,10 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     test_file = ctx.path(cfg.test_file)
     if not test_file.is_file():
         raise FileNotFoundError(f"test file not found: {test_file}")
+    from facial_r1_core.schema import iter_jsonl_lines
+
+    if next(iter_jsonl_lines(test_file), None) is None:  # before loading any model
+        raise EmptyTestSetError(f"test file {test_file} holds no records: nothing to evaluate")
     model_path = resolve_model(cfg.model_path, ctx.profile, resolve=ctx.path)
     backend = create_backend(
         cfg.backend,
@@ -431,6 +533,10 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     for name in ("report", "report_md", "predictions", "confusion", "au_f1"):
         ctx.log_artifact(outputs[name], "evaluation")
     metrics = headline(report)
+    outputs["test_set_fingerprint"] = report["test_set_fingerprint"]
+    ctx.set_tags(
+        {"test_set_fingerprint": report["test_set_fingerprint"], "test_set_n": report["n"]}
+    )
     emo = report["emotion"]
     for i, cls in enumerate(emo["classes"][:-1]):
         if sum(emo["confusion"][i]):

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.config import checked
-from facial_r1_core.schema import Record, atomic_write, iter_records_lenient, write_jsonl
+from facial_r1_core.schema import (
+    Record,
+    atomic_write,
+    aus_annotated,
+    iter_records_lenient,
+    write_jsonl,
+)
 
 BALANCE_MODES = ("none", "cap", "resample")
 
@@ -194,7 +200,7 @@ def run_filter(cfg: FilterConfig, *, resolve=lambda p: Path(p)) -> FilterOutcome
     gated: list[Record] = []
     gate_rejected: list[tuple[Record, list[str], list[str]]] = []
     for rec in synthesized:
-        verdict = check(rec.description, rec.AUs, rec.labels)
+        verdict = check(rec.description, rec.AUs, rec.labels, aus_annotated=aus_annotated(rec))
         if verdict.accepted:
             gated.append(rec)
         else:

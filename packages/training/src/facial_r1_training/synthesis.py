@@ -39,7 +39,7 @@ from typing import Any
 
 from facial_r1_core.config import checked
 from facial_r1_core.resume import StageStateError
-from facial_r1_core.schema import Record, atomic_write, iter_records_lenient
+from facial_r1_core.schema import Record, atomic_write, aus_annotated, iter_records_lenient
 
 from .generation import GenerationBackend, GenerationRequest, load_image, sample_seed
 
@@ -474,7 +474,9 @@ def synthesize(
         done: list[dict[str, Any]] = []
         for p, req, text in zip(batch, requests, completions, strict=True):
             p.attempts += 1
-            verdict = check(text, p.record.AUs, p.record.labels)
+            verdict = check(
+                text, p.record.AUs, p.record.labels, aus_annotated=aus_annotated(p.record)
+            )
             if verdict.accepted:
                 rec = Record.from_dict(p.record.to_dict())
                 rec.description = text.strip()
