@@ -152,6 +152,7 @@ class GRPOStageConfig(TrainerCommon):
     vllm_tensor_parallel_size: int = 1
     vllm_enable_sleep_mode: bool = False
     log_completions: bool = False
+    log_model: bool = True  # log the final model to MLflow as a pyfunc (what the registry holds)
 
     def __post_init__(self) -> None:
         if self.reward_variant not in ("paper", "reference"):

@@ -213,4 +213,14 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
             metrics[name] = value
     if s_per_step is not None:
         metrics["s_per_step"] = round(s_per_step, 4)
-    return {"model": str(model_dir), "checkpoints": str(ckpt_dir)}, metrics
+    outputs = {"model": str(model_dir), "checkpoints": str(ckpt_dir)}
+    if cfg.log_model and trainer.is_world_process_zero():
+        if ctx.mlflow_run_id:
+            from .mlflow_model import log_candidate
+
+            logged = log_candidate(ctx, model_dir)
+            outputs.update(logged["outputs"])
+            metrics.update(logged["metrics"])
+        else:
+            log.warning("untracked run: the final model is not logged to MLflow")
+    return outputs, metrics
