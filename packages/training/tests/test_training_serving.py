@@ -274,3 +274,24 @@ def test_mlflow_models_serve_answers_and_rejects_bad_images(champion):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_model_log_command_logs_and_registers_a_folder(champion, tmp_path, monkeypatch):
+    """`facial-r1 model log DIR --register NAME`: any folder becomes a registered pyfunc."""
+    from facial_r1_core.cli import main
+
+    local = Path(mlflow.artifacts.download_artifacts(champion["info"].model_uri))
+    monkeypatch.setenv("FACIAL_R1_HOME", str(tmp_path))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        json.dumps({"mlflow": champion["profile"]["mlflow"], "serving": {"max_rows": 2}})
+    )
+    result = tmp_path / "r.json"
+    args = ["model", "log", str(local / "artifacts" / "model"), "--config", str(profile)]
+    assert main([*args, "--register", "facial-r1-copy", "--result", str(result)]) == 0
+    outputs = json.loads(result.read_text())["outputs"]
+    assert outputs["registered_version"] == "models:/facial-r1-copy/1"
+    model = mlflow.pyfunc.load_model("models:/facial-r1-copy/1")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="3 rows in one request"):
+        model.predict([{"image": png_b64()}] * 3)
+    assert main(["model", "log", str(tmp_path / "nothing"), "--config", str(profile)]) == 1
