@@ -104,5 +104,18 @@ k8s-render: setup-orchestrator ## render + validate (offline) the kustomize over
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py
 
+# --- serving: the registered champion behind MLflow's scoring server (docs/operations.md) ----
+SERVE_PORT ?= 5001
+SERVE_MODEL ?= models:/facial-r1@champion
+SERVE_WORKERS ?= 1
+.PHONY: serve benchmark-serve
+serve: setup-trainer ## serve models:/facial-r1@champion on 127.0.0.1:5001 (SERVE_PORT): POST /invocations {"dataframe_records": [{"image": "<base64 PNG/JPEG>"}]}
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db} PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+		$(VENV)/bin/mlflow models serve -m $(SERVE_MODEL) --env-manager local \
+		--host 127.0.0.1 --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
+
+benchmark-serve: setup-trainer ## requests/s and p50/p95 latency of the served champion at 1, 4 and 16 clients (127.0.0.1)
+	$(VENV)/bin/python benchmarks/serve.py --model $(SERVE_MODEL)
+
 clean: ## remove environments and run outputs (not data/ or the DVC cache)
 	rm -rf $(VENV) $(AVENV) .tools .pytest_cache .ruff_cache

@@ -15,7 +15,8 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag
+from facial_r1_pipeline.runners.airflow_task import stage_task as task  # on_kill stops the stage
 
 REPO = str(Path(__file__).resolve().parents[1])
 

@@ -12,8 +12,9 @@ PY
 SOURCE=$(cat /models/SOURCE)
 case "$SOURCE" in
   s3://*|gs://*|runs:/*|models:/*|mlflow-artifacts:/*)
-    python -c "import mlflow,sys; mlflow.artifacts.download_artifacts(sys.argv[1], dst_path='/models/champion')" "$SOURCE"
-    MODEL_DIR=/models/champion ;;
+    # A registered model is an MLflow pyfunc: the Hugging Face folder vLLM loads sits under its
+    # artifacts/ (the shallowest folder holding config.json).
+    MODEL_DIR=$(python -c "import mlflow,pathlib,sys; root = pathlib.Path(mlflow.artifacts.download_artifacts(sys.argv[1], dst_path='/models/champion')); print(min(root.rglob('config.json'), key=lambda p: len(p.parts)).parent)" "$SOURCE") ;;
   *) MODEL_DIR="$SOURCE" ;;  # a path on the shared workspace volume
 esac
 exec vllm serve "$MODEL_DIR" --host 0.0.0.0 --port 8000 --served-model-name facial-r1 "$@"

@@ -96,11 +96,15 @@ print(json.dumps({{"elapsed": elapsed, "errors": len(bag.import_errors), "new": 
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["errors"] == 0
+    # the task decorator (on_kill owns the stage) is the only part of our package parsed
+    light = {f"facial_r1_pipeline{m}" for m in ("", ".runners", ".runners.base")}
+    light |= {f"facial_r1_pipeline.runners.{m}" for m in ("ownership", "airflow_task")}
     heavy = [
         m
         for m in out["new"]
         if m.split(".")[0]
         in ("mlflow", "dvc", "kubernetes", "facial_r1_pipeline", "torch", "pandas", "yaml")
+        and m not in light
     ]
     assert heavy == []
     assert out["elapsed"] < 0.5, out["elapsed"]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from facial_r1_pipeline import k8s
 
-OVERLAYS = ("production", "dev")
+OVERLAYS = ("production", "dev", "production-vllm")
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)

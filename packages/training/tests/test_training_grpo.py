@@ -124,6 +124,10 @@ def test_grpo_runs_logs_and_refuses_other_settings(home, env, tmp_path, capsys):
     assert run.data.params["reward_weights.au"] == "2.0"
     saved = json.loads((root / "runs/grpo/model/facial_r1_training.json").read_text())
     assert saved["reward_weights"] == {"au": 2.0, "accuracy": 1.0, "format": 1.0}
+    # the final model is logged to the artifact store as an MLflow model of this run
+    logged = client.get_logged_model(data["outputs"]["logged_model_id"])
+    assert data["outputs"]["logged_model"] == f"models:/{logged.model_id}"
+    assert logged.source_run_id == run.info.run_id and m["logged_model_mb"] > 0
 
     model_file = root / "runs/grpo/model/model.safetensors"
     md5 = hashlib.md5(model_file.read_bytes()).hexdigest()

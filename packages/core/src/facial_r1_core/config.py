@@ -258,6 +258,7 @@ PROFILE_SCHEMAS: dict[str, str | None] = {
     "synthesize": "facial_r1_training.synthesis:SynthesisConfig",
     "filter": "facial_r1_training.filtering:FilterConfig",
     "evaluate": "facial_r1_training.evaluation:EvaluateConfig",
+    "serving": "facial_r1_training.configs:ServingSection",
     "resources": None,
 }
 

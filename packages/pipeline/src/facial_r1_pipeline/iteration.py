@@ -279,6 +279,19 @@ def _model_of(upstream: Mapping[str, Mapping[str, Any]], stage: str) -> str:
     return str(model)
 
 
+def _logged_model(result: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(``models:/<model_id>``, model id) of the MLflow model a stage logged (grpo.log_model)."""
+    outs = result.get("outputs") or {}
+    uri = outs.get("logged_model")
+    if not uri:
+        raise IterationError(
+            "the grpo result names no logged MLflow model (outputs: "
+            f"{', '.join(outs) or 'none'}): run GRPO with grpo.log_model=true; a result "
+            "cached from an older version is re-run after deleting its result file"
+        )
+    return str(uri), outs.get("logged_model_id") or None
+
+
 def make_runner(ctx: Mapping[str, Any]):
     from .runners import get_runner
 
@@ -517,8 +530,7 @@ def promote(
     profile = load(ctx)
     client = lineage.client_for(profile)
     name = registered_model_name(profile)
-    model = _model_of({"grpo": grpo}, "grpo")
-    source = model if "://" in model else str((Path(ctx["repo"]) / model).resolve())
+    source, model_id = _logged_model(grpo)
     metrics = evaluation.get("metrics") or {}
     fingerprint = (evaluation.get("outputs") or {}).get(promotion.FINGERPRINT)
     promotion.evaluation_from(metrics, fingerprint)  # unusable evaluation: fail, register nothing
@@ -540,6 +552,7 @@ def promote(
         run_id=grpo.get("mlflow_run_id"),
         key=f"{parent}:{data.get('data_md5', '')}",
         tags=tags,
+        model_id=model_id,
     )
     decision = promotion.promote(
         client,

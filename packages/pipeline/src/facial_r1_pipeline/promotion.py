@@ -351,9 +351,20 @@ def ensure_registered_model(client, name: str) -> None:
 
 
 def register_candidate(
-    client, name: str, *, source: str, run_id: str | None, key: str, tags: Mapping[str, Any]
+    client,
+    name: str,
+    *,
+    source: str,
+    run_id: str | None,
+    key: str,
+    tags: Mapping[str, Any],
+    model_id: str | None = None,
 ):
-    """Register (or find again, by ``candidate_key``) the candidate version; alias challenger."""
+    """Register (or find again, by ``candidate_key``) the candidate version; alias challenger.
+
+    ``source`` is the logged MLflow model (``models:/<model_id>``) the stage wrote to the
+    artifact store, so the version holds the weights, not a path on the training machine.
+    """
     ensure_registered_model(client, name)
     found = client.search_model_versions(f"name = '{name}' and tags.candidate_key = '{key}'")
     if found:
@@ -361,7 +372,9 @@ def register_candidate(
         log.info("candidate %s already registered as version %s", key, version.version)
     else:
         all_tags = {"candidate_key": key, **{k: str(v) for k, v in tags.items()}}
-        version = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
+        version = client.create_model_version(
+            name, source=source, run_id=run_id, tags=all_tags, model_id=model_id
+        )
     for k, v in tags.items():  # refresh (e.g. a re-run with a new data md5 is a new key anyway)
         client.set_model_version_tag(name, version.version, k, str(v))
     client.set_registered_model_alias(name, CHALLENGER, version.version)

@@ -68,7 +68,6 @@ def analyze_images(
     question: str,
 ) -> list[dict[str, Any]]:
     """One result dict per image path; unreadable images give an ``error`` entry."""
-    from facial_r1_core.parser import parse_completion
     from facial_r1_core.prompts import sft_prompt
 
     from .generation import GenerationRequest, load_image
@@ -88,15 +87,27 @@ def analyze_images(
         owners.append(i)
     completions = backend.generate(requests) if requests else []
     for i, text in zip(owners, completions, strict=True):
-        parsed = parse_completion(text)
-        results[i].update(
-            reasoning=parsed.think if parsed.think is not None else text.strip(),
-            aus=list(parsed.aus),
-            emotion=parsed.emotions[0] if len(parsed.emotions) == 1 else None,
-            format_valid=parsed.format_valid,
-            completion=text,
-        )
+        results[i].update(describe_completion(text))
     return results
+
+
+def describe_completion(text: str) -> dict[str, Any]:
+    """What a completion says, by core's parser: reasoning, AUs, emotion, format, raw text.
+
+    >>> d = describe_completion("<think>Smile (AU12).</think><answer>happy</answer>")
+    >>> d["emotion"], d["aus"], d["reasoning"], d["format_valid"]
+    ('happiness', ['AU12'], 'Smile (AU12).', True)
+    """
+    from facial_r1_core.parser import parse_completion
+
+    parsed = parse_completion(text)
+    return {
+        "reasoning": parsed.think if parsed.think is not None else text.strip(),
+        "aus": list(parsed.aus),
+        "emotion": parsed.emotions[0] if len(parsed.emotions) == 1 else None,
+        "format_valid": parsed.format_valid,
+        "completion": text,
+    }
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -75,7 +75,44 @@ def _add_model(subparsers) -> None:
     deprecated_flag(merge, "--out", dest="output_dir", new="--output-dir", required=True)
     merge.add_argument("--dtype", default="auto", help="dtype to load the base in")
     merge.set_defaults(func=_run_merge_lora)
+    logm = verbs.add_parser(
+        "log",
+        help="log a model folder to MLflow as a pyfunc model (what the registry holds)",
+        description="Log a Hugging Face model folder (e.g. a stage's final model) to the MLflow "
+        "artifact store as an MLflow pyfunc model: the folder is copied into the model's "
+        "artifacts, so the logged model loads anywhere (mlflow.pyfunc.load_model, `mlflow models "
+        "serve`, `facial-r1 analyze --model`). The GRPO stage does this itself (grpo.log_model); "
+        "use this verb for other folders. Outputs: logged_model (models:/<model_id>), which "
+        "`--register NAME` also registers. The serving limits come from the profile's `serving` "
+        "section (see configs/README.md).",
+    )
+    logm.add_argument("folder", metavar="MODEL_DIR", help="Hugging Face model folder")
+    logm.add_argument(
+        "--register", metavar="NAME", help="also register it as a new version of NAME"
+    )
+    add_stage_arguments(logm)
+    logm.set_defaults(func=_run_log_model)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _run_log_model(args) -> int:
+    from .stage import run_stage
+
+    def body(ctx):
+        from .mlflow_model import log_candidate
+
+        if not ctx.mlflow_run_id:
+            raise ValueError("`facial-r1 model log` needs MLflow (drop --no-mlflow)")
+        logged = log_candidate(ctx, ctx.path(args.folder))
+        outputs = dict(logged["outputs"])
+        if args.register:
+            import mlflow
+
+            version = mlflow.register_model(outputs["logged_model"], args.register)
+            outputs["registered_version"] = f"models:/{args.register}/{version.version}"
+        return outputs, logged["metrics"]
+
+    return run_stage(args, stage="model-log", section="", body=body)
 
 
 def _run_build_tiny(args) -> int:

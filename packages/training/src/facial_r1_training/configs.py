@@ -153,6 +153,7 @@ class GRPOStageConfig(TrainerCommon):
     vllm_tensor_parallel_size: int = checked(1, ge=1)
     vllm_enable_sleep_mode: bool = False
     log_completions: bool = False
+    log_model: bool = True  # log the final model to MLflow as a pyfunc (what the registry holds)
 
     def __post_init__(self) -> None:
         if self.reward_variant not in ("paper", "reference"):
@@ -177,3 +178,17 @@ class GRPOStageConfig(TrainerCommon):
 
 def as_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@dataclass
+class ServingSection:
+    """The optional ``serving`` section: settings stored in a logged model's ``model_config``
+    (documented in configs/README.md#serving-optional)."""
+
+    question: str | None = None
+    emotions: list[str] | None = None
+    max_new_tokens: int | None = checked(None, ge=1)
+    batch_size: int = checked(16, ge=1)
+    max_image_bytes: int = checked(8 * 1024 * 1024, ge=1)
+    max_image_pixels: int = checked(4096 * 4096, ge=1)
+    max_rows: int = checked(64, ge=1)

@@ -215,5 +215,14 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     if s_per_step is not None:
         metrics["s_per_step"] = round(s_per_step, 4)
     outputs = {"model": str(model_dir), "checkpoints": str(ckpt_dir)}
+    if cfg.log_model and trainer.is_world_process_zero():
+        if ctx.mlflow_run_id:
+            from .mlflow_model import log_candidate
+
+            logged = log_candidate(ctx, model_dir)
+            outputs.update(logged["outputs"])
+            metrics.update(logged["metrics"])
+        else:
+            log.warning("untracked run: the final model is not logged to MLflow")
     state.complete(outputs, metrics, [model_dir])
     return outputs, metrics

@@ -24,7 +24,13 @@ def model_section(ctx) -> ModelStageConfig:
 
 
 def resolve_model(ctx, value: str) -> str:
-    """A profile model reference: an existing local folder (made absolute) or a hub id."""
+    """A profile model reference: an existing local folder (made absolute), a registry URI
+    (``models:/NAME@ALIAS``, ``models:/<model_id>``, ``runs:/``; downloaded through MLflow, e.g.
+    the champion for ``init_from=champion``) or a hub id."""
+    if value.startswith(("models:/", "runs:/")):
+        from .analyze import resolve_model as resolve_uri
+
+        return resolve_uri(value, ctx.profile)
     local = ctx.path(value)
     if local.exists():
         return str(local)

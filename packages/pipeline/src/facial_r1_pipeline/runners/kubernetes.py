@@ -6,6 +6,8 @@ offline tests render and validate). The stage writes its result JSON to
 the contract. Data and checkpoints live on the shared volume (``resources.workspace_pvc``) at the
 same relative paths as in a local run, so the DAG's wiring does not change.
 
+While the stage runs, killing the Airflow task deletes its pod or job (see ``ownership``).
+
 Not run on this machine (no cluster): see docs/operations.md.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 from ..k8s import KubeSettings, build_operator
 from ..specs import StageSpec
 from .base import StageError, check_result
+from .ownership import owned
 
 
 class KubernetesRunner:
@@ -33,7 +36,11 @@ class KubernetesRunner:
                 f"{spec.stage}: the Kubernetes runner needs the Airflow task context",
                 stage=spec.stage,
             )
-        result = self.operator(spec).execute(context)
+        op = self.operator(spec)
+        # The task's on_kill calls the provider operator's on_kill: it deletes the pod, or the
+        # job and its pods, through the Kubernetes API (nothing keeps running unattended).
+        with owned(f"{spec.stage} ({spec.resources.kind} {op.name})", op.on_kill):
+            result = op.execute(context)
         if isinstance(result, list):  # a job returns one result per pod; we run one pod
             if len(result) != 1:
                 raise StageError(

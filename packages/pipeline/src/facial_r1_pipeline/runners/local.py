@@ -9,6 +9,8 @@ Resume rules, so that Airflow retries and re-runs neither redo nor corrupt work:
 
 - nothing is ever deleted: a stage killed half way resumes from its own checkpoints/partial
   outputs when it is started again with the same outputs;
+- a killed task kills its stage: the stage runs in its own process group, which the task's
+  ``on_kill`` (:mod:`~facial_r1_pipeline.runners.ownership`) or an interruption ends whole;
 - a finished stage is not run again: when ``FILE`` holds an ``ok`` result and ``FILE.spec.json``
   records the same fingerprint (command, overrides, profile text), the cached result is returned
   with ``"cached": true``.
@@ -31,6 +33,7 @@ from facial_r1_core.schema import atomic_write
 
 from ..specs import StageSpec
 from .base import StageError, read_result
+from .ownership import owned, stop_process_group
 
 log = logging.getLogger("facial_r1.pipeline.local")
 
@@ -143,22 +146,21 @@ class LocalRunner:
                 text=True,
                 bufsize=1,
                 errors="replace",
+                start_new_session=True,  # its own process group: killed whole on task kill
             )
             try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    line = line.rstrip("\n")
-                    tail.append(line)
-                    log_file.write(line + "\n")
-                    self.echo(f"[{spec.stage}] {line}")
-                code = proc.wait()
+                with owned(f"{spec.stage} (pid {proc.pid})", lambda: stop_process_group(proc)):
+                    assert proc.stdout is not None
+                    for line in proc.stdout:
+                        line = line.rstrip("\n")
+                        tail.append(line)
+                        log_file.write(line + "\n")
+                        self.echo(f"[{spec.stage}] {line}")
+                    code = proc.wait()
             except BaseException:
-                # Airflow killing the task: stop the child politely so it can save a checkpoint.
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                # The task is interrupted (timeout, Ctrl-C): SIGTERM the stage's process group
+                # (checkpoints already saved stay), SIGKILL what is left after a grace period.
+                stop_process_group(proc)
                 raise
         elapsed = time.monotonic() - started
         if code != 0:
