@@ -70,14 +70,22 @@ pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airfl
 
 # --- orchestration (owner: pipeline; docs/operations.md) -----------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
-# local processes of .venv; MLflow store runs/mlflow.db; DVC remote .dvc-remote/.
+# local processes of .venv; MLflow store runs/mlflow.db; DVC remote: the machine-wide folder
+# $FACIAL_R1_DVC_REMOTE, else $XDG_DATA_HOME or ~/.local/share + /facial-r1/dvc-remote; build cache
+# $FACIAL_R1_CACHE, else $XDG_CACHE_HOME or ~/.cache + /facial-r1 (demo data, tiny model).
 AIRFLOW_PORT ?= 8080
 export AIRFLOW_PORT
 MLFLOW_PORT ?= 5000
 DEMO_CONF ?=
 AIRFLOW_ENV := . services/airflow/env.sh &&
 
-.PHONY: demo airflow mlflow-ui k8s-render benchmark-orchestration
+.PHONY: demo data data-dvc airflow mlflow-ui k8s-render benchmark-orchestration
+data: setup-trainer ## data/ as data.dvc names it: dvc pull from the shared remote, else build the demo data (cached) and push
+	FACIAL_R1_HOME=$(CURDIR) $(VENV)/bin/facial-r1 pipeline prepare-data --bootstrap
+
+data-dvc: setup-trainer ## rewrite data.dvc with the demo data the profile builds (after changing demo_faces/seed_sft)
+	FACIAL_R1_HOME=$(CURDIR) $(VENV)/bin/facial-r1 pipeline demo-data --write-dvc-file
+
 demo: setup ## THE main command: one full iteration through Airflow (SQLite) + summary table; again = next iteration
 	$(AIRFLOW_ENV) $(AVENV)/bin/facial-r1 pipeline demo --quiet $(if $(DEMO_CONF),--conf '$(DEMO_CONF)')
 
