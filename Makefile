@@ -79,7 +79,7 @@ MLFLOW_PORT ?= 5000
 DEMO_CONF ?=
 AIRFLOW_ENV := . services/airflow/env.sh &&
 
-.PHONY: demo data data-dvc airflow mlflow-ui k8s-render benchmark-orchestration
+.PHONY: demo data data-dvc airflow airflow-stop mlflow-ui k8s-render benchmark-orchestration
 data: setup-trainer ## data/ as data.dvc names it: dvc pull from the shared remote, else build the demo data (cached) and push
 	FACIAL_R1_HOME=$(CURDIR) $(VENV)/bin/facial-r1 pipeline prepare-data --bootstrap
 
@@ -89,10 +89,15 @@ data-dvc: setup-trainer ## rewrite data.dvc with the demo data the profile build
 demo: setup ## THE main command: one full iteration through Airflow (SQLite) + summary table; again = next iteration
 	$(AIRFLOW_ENV) $(AVENV)/bin/facial-r1 pipeline demo --quiet $(if $(DEMO_CONF),--conf '$(DEMO_CONF)')
 
-airflow: setup ## airflow standalone on 127.0.0.1:8080 (AIRFLOW_PORT), DAG unpaused; then: source services/airflow/env.sh && airflow dags trigger facial_r1_iteration
-	@echo "==> Airflow UI http://127.0.0.1:$(AIRFLOW_PORT) (admin password: airflow-home/simple_auth_manager_passwords.json.generated)"
-	@echo "    in another shell: source services/airflow/env.sh && airflow dags trigger facial_r1_iteration"
-	$(AIRFLOW_ENV) $(AVENV)/bin/airflow standalone
+airflow: setup ## Airflow UI + REST API on 127.0.0.1:8080 (AIRFLOW_PORT), DAG unpaused; prints the token + curl lines; stop: make airflow-stop
+	@trap 'kill -TERM -- -$$(cat airflow-home/airflow.pgid 2>/dev/null) 2>/dev/null || true' INT TERM; \
+		setsid --wait services/airflow/standalone.sh
+
+airflow-stop: ## stop everything `make airflow` started (its whole process group)
+	@f=airflow-home/airflow.pgid; if [ ! -s $$f ]; then echo "no Airflow started by make airflow is running"; exit 0; fi; \
+		g=$$(cat $$f); kill -TERM -- -$$g 2>/dev/null || true; \
+		for i in $$(seq 30); do kill -0 -- -$$g 2>/dev/null || break; sleep 1; done; \
+		kill -KILL -- -$$g 2>/dev/null || true; rm -f $$f; echo "stopped Airflow (process group $$g)"
 
 mlflow-ui: setup-trainer ## MLflow UI on 127.0.0.1:5000 (MLFLOW_PORT) over runs/mlflow.db (runs, registry, champion alias)
 	mkdir -p runs
