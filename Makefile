@@ -62,13 +62,13 @@ lock: ## re-resolve both environments from requirements/*.in into requirements/*
 	/tmp/fr1-lock-o/bin/pip install -q -r requirements/orchestrator.in $(PIP_QUIET)
 	/tmp/fr1-lock-o/bin/pip freeze --exclude-editable | sort -f > requirements/orchestrator.lock
 
-# --- local pipeline (owner: synthesis+evaluation helper) ---
+# --- local pipeline ----------------------------------------------------------------------------
 .PHONY: pipeline
 PIPELINE_ARGS ?=
 pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airflow; last line = final metrics JSON
 	$(VENV)/bin/facial-r1 pipeline-local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
-# --- orchestration (owner: pipeline; docs/operations.md) -----------------------------------
+# --- orchestration (docs/operations.md) ---------------------------------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
 # local processes of .venv; MLflow store runs/mlflow.db; DVC remote: the machine-wide folder
 # $FACIAL_R1_DVC_REMOTE, else $XDG_DATA_HOME or ~/.local/share + /facial-r1/dvc-remote; build cache
@@ -106,7 +106,8 @@ mlflow-ui: setup-trainer ## MLflow UI on 127.0.0.1:5000 (MLFLOW_PORT) over runs/
 		--default-artifact-root $(CURDIR)/runs/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
-k8s-render: setup-orchestrator ## render + validate (offline) the kustomize overlays and every stage's pod/job into build/k8s/
+k8s-render: setup-orchestrator ## render + validate (offline) the kustomize overlays and every stage's pod/job into build/k8s/ (needs kubectl)
+	@command -v kubectl >/dev/null || { echo "k8s-render needs kubectl on PATH (make setup does not install it)"; exit 2; }
 	@mkdir -p build/k8s
 	@for o in infra/overlays/*/; do n=$$(basename $$o); \
 		kubectl kustomize $$o > build/k8s/$$n.yaml && echo "rendered build/k8s/$$n.yaml"; done
