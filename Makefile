@@ -79,7 +79,7 @@ MLFLOW_PORT ?= 5000
 DEMO_CONF ?=
 AIRFLOW_ENV := . services/airflow/env.sh &&
 
-.PHONY: demo data data-dvc airflow airflow-stop mlflow-ui k8s-render benchmark-orchestration
+.PHONY: demo data data-dvc airflow airflow-stop mlflow-ui k8s-render figures benchmark-orchestration
 data: setup-trainer ## data/ as data.dvc names it: dvc pull from the shared remote, else build the demo data (cached) and push
 	FACIAL_R1_HOME=$(CURDIR) $(VENV)/bin/facial-r1 pipeline prepare-data --bootstrap
 
@@ -114,6 +114,9 @@ k8s-render: setup-orchestrator ## render + validate (offline) the kustomize over
 	$(AVENV)/bin/kubernetes-validate --strict -k 1.32 build/k8s/*.yaml
 	FACIAL_R1_HOME=$(CURDIR) $(AVENV)/bin/facial-r1 pipeline render-k8s \
 		--config configs/qwen2.5-vl-7b.yaml --output-dir build/k8s/stages
+
+figures: setup-trainer ## the README's figures table from the measured runs (record one: python benchmarks/report.py time make demo)
+	$(VENV)/bin/python benchmarks/report.py table
 
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py
