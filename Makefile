@@ -62,29 +62,42 @@ lock: ## re-resolve both environments from requirements/*.in into requirements/*
 	/tmp/fr1-lock-o/bin/pip install -q -r requirements/orchestrator.in $(PIP_QUIET)
 	/tmp/fr1-lock-o/bin/pip freeze --exclude-editable | sort -f > requirements/orchestrator.lock
 
-# --- local pipeline (owner: synthesis+evaluation helper) ---
+# --- local pipeline ----------------------------------------------------------------------------
 .PHONY: pipeline
 PIPELINE_ARGS ?=
 pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airflow; last line = final metrics JSON
 	$(VENV)/bin/facial-r1 pipeline-local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
-# --- orchestration (owner: pipeline; docs/operations.md) -----------------------------------
+# --- orchestration (docs/operations.md) ---------------------------------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
-# local processes of .venv; MLflow store runs/mlflow.db; DVC remote .dvc-remote/.
+# local processes of .venv; MLflow store runs/mlflow.db; DVC remote: the machine-wide folder
+# $FACIAL_R1_DVC_REMOTE, else $XDG_DATA_HOME or ~/.local/share + /facial-r1/dvc-remote; build cache
+# $FACIAL_R1_CACHE, else $XDG_CACHE_HOME or ~/.cache + /facial-r1 (demo data, tiny model).
 AIRFLOW_PORT ?= 8080
 export AIRFLOW_PORT
 MLFLOW_PORT ?= 5000
 DEMO_CONF ?=
 AIRFLOW_ENV := . services/airflow/env.sh &&
 
-.PHONY: demo airflow mlflow-ui k8s-render benchmark-orchestration
+.PHONY: demo data data-dvc airflow airflow-stop mlflow-ui k8s-render figures benchmark-orchestration
+data: setup-trainer ## data/ as data.dvc names it: dvc pull from the shared remote, else build the demo data (cached) and push
+	FACIAL_R1_HOME=$(CURDIR) $(VENV)/bin/facial-r1 pipeline prepare-data --bootstrap
+
+data-dvc: setup-trainer ## rewrite data.dvc with the demo data the profile builds (after changing demo_faces/seed_sft)
+	FACIAL_R1_HOME=$(CURDIR) $(VENV)/bin/facial-r1 pipeline demo-data --write-dvc-file
+
 demo: setup ## THE main command: one full iteration through Airflow (SQLite) + summary table; again = next iteration
 	$(AIRFLOW_ENV) $(AVENV)/bin/facial-r1 pipeline demo --quiet $(if $(DEMO_CONF),--conf '$(DEMO_CONF)')
 
-airflow: setup ## airflow standalone on 127.0.0.1:8080 (AIRFLOW_PORT), DAG unpaused; then: source services/airflow/env.sh && airflow dags trigger facial_r1_iteration
-	@echo "==> Airflow UI http://127.0.0.1:$(AIRFLOW_PORT) (admin password: airflow-home/simple_auth_manager_passwords.json.generated)"
-	@echo "    in another shell: source services/airflow/env.sh && airflow dags trigger facial_r1_iteration"
-	$(AIRFLOW_ENV) $(AVENV)/bin/airflow standalone
+airflow: setup ## Airflow UI + REST API on 127.0.0.1:8080 (AIRFLOW_PORT), DAG unpaused; prints the token + curl lines; stop: make airflow-stop
+	@trap 'kill -TERM -- -$$(cat airflow-home/airflow.pgid 2>/dev/null) 2>/dev/null || true' INT TERM; \
+		setsid --wait services/airflow/standalone.sh
+
+airflow-stop: ## stop everything `make airflow` started (its whole process group)
+	@f=airflow-home/airflow.pgid; if [ ! -s $$f ]; then echo "no Airflow started by make airflow is running"; exit 0; fi; \
+		g=$$(cat $$f); kill -TERM -- -$$g 2>/dev/null || true; \
+		for i in $$(seq 30); do kill -0 -- -$$g 2>/dev/null || break; sleep 1; done; \
+		kill -KILL -- -$$g 2>/dev/null || true; rm -f $$f; echo "stopped Airflow (process group $$g)"
 
 mlflow-ui: setup-trainer ## MLflow UI on 127.0.0.1:5000 (MLFLOW_PORT) over runs/mlflow.db (runs, registry, champion alias)
 	mkdir -p runs
@@ -93,13 +106,17 @@ mlflow-ui: setup-trainer ## MLflow UI on 127.0.0.1:5000 (MLFLOW_PORT) over runs/
 		--default-artifact-root $(CURDIR)/runs/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
-k8s-render: setup-orchestrator ## render + validate (offline) the kustomize overlays and every stage's pod/job into build/k8s/
+k8s-render: setup-orchestrator ## render + validate (offline) the kustomize overlays and every stage's pod/job into build/k8s/ (needs kubectl)
+	@command -v kubectl >/dev/null || { echo "k8s-render needs kubectl on PATH (make setup does not install it)"; exit 2; }
 	@mkdir -p build/k8s
 	@for o in infra/overlays/*/; do n=$$(basename $$o); \
 		kubectl kustomize $$o > build/k8s/$$n.yaml && echo "rendered build/k8s/$$n.yaml"; done
 	$(AVENV)/bin/kubernetes-validate --strict -k 1.32 build/k8s/*.yaml
 	FACIAL_R1_HOME=$(CURDIR) $(AVENV)/bin/facial-r1 pipeline render-k8s \
 		--config configs/qwen2.5-vl-7b.yaml --output-dir build/k8s/stages
+
+figures: setup-trainer ## the README's figures table from the measured runs (record one: python benchmarks/report.py time make demo)
+	$(VENV)/bin/python benchmarks/report.py table
 
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py

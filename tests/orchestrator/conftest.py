@@ -20,6 +20,9 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FACIAL_R1_HOME", None)
+# never the machine's shared DVC remote or build cache: each test project sets its own remote
+os.environ["FACIAL_R1_DVC_REMOTE"] = str(_HOME / "dvc-remote")
+os.environ["FACIAL_R1_CACHE"] = str(_HOME / "cache")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -42,8 +45,10 @@ def airflow_db() -> Path:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A minimal project folder (a git repo with configs/ copied from this repository)."""
+def project(tmp_path: Path, monkeypatch) -> Path:
+    """A minimal project folder (a git repo with configs/ copied from this repository) whose
+    shared DVC remote is ``tmp_path/dvc-remote``."""
+    monkeypatch.setenv("FACIAL_R1_DVC_REMOTE", str(tmp_path / "dvc-remote"))
     return make_project(tmp_path)
 
 

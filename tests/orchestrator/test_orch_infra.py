@@ -15,7 +15,11 @@ OVERLAYS = ("production", "dev", "production-vllm")
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request, repo):
     kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is part of this machine's toolset (ENVIRONMENT.md)"
+    assert kubectl, (
+        "this test renders infra/overlays with `kubectl kustomize` and needs the kubectl binary "
+        "on PATH; `make setup` does not install it (no registry package ships a pinned kubectl): "
+        "install kubectl from your distribution or the Kubernetes release page, then rerun"
+    )
     proc = subprocess.run(
         [kubectl, "kustomize", str(repo / "infra/overlays" / request.param)],
         capture_output=True,

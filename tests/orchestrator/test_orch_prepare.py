@@ -49,8 +49,8 @@ def test_fresh_clone_never_hits_a_wall(project, repo):
     assert second["outputs"]["data_md5"] == md5
 
     # 3. a clone whose remote is empty: rebuilt (deterministic by seed) and pushed again
-    for path in ("data", ".dvc-remote", ".dvc/cache"):
-        shutil.rmtree(project / path)
+    for path in (project / "data", project.parent / "dvc-remote", project / ".dvc/cache"):
+        shutil.rmtree(path)
     third = _prepare(runner, 3)
     assert third["outputs"]["data_state"] == "bootstrapped"
     assert dvc.in_remote(project)

@@ -39,7 +39,7 @@ def test_runs_a_stage_and_reads_its_result(project, runner):
     assert any("pushed to local" in line for line in lines)
     log = project / "runs/results/version_data.json.log"
     assert "pushed to local" in log.read_text()
-    assert (project / ".dvc-remote").is_dir() and (project / "data.dvc").is_file()
+    assert (project.parent / "dvc-remote").is_dir() and (project / "data.dvc").is_file()
 
 
 def test_finished_stage_is_reused_not_rerun(project, runner):

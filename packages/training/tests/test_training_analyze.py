@@ -76,3 +76,56 @@ def test_registry_uri_resolves_through_mlflow(tmp_path, tiny, monkeypatch):
     assert (Path(folder) / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="cannot resolve"):
         resolve_model("models:/no-such-model@champion", profile, cache_root=tmp_path / "c2")
+
+
+def _checkout(root: Path) -> Path:
+    """A folder that looks like a project checkout (configs/ and packages/core/)."""
+    (root / "configs").mkdir(parents=True)
+    (root / "packages" / "core").mkdir(parents=True)
+    (root / "configs" / "tiny-cpu.yaml").write_text(
+        "mlflow: {tracking_uri: 'sqlite:///runs/mlflow.db', experiment: t}\n"
+    )
+    return root
+
+
+def test_analyze_from_a_subfolder_uses_the_project_store(tmp_path, tiny, monkeypatch, capsys):
+    import mlflow
+    from facial_r1_core.cli import main
+    from facial_r1_core.tracking import configure_mlflow
+
+    project = _checkout(tmp_path / "project")
+    monkeypatch.delenv("FACIAL_R1_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    configure_mlflow({"mlflow": {"tracking_uri": "sqlite:///runs/mlflow.db", "experiment": "t"}})
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny), "model")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("facial-r1")
+    version = client.create_model_version(
+        "facial-r1", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("facial-r1", "champion", version.version)
+    write_toy_dataset(tmp_path / "faces", 1, dataset="Toy")
+    image = next((tmp_path / "faces" / "Toy").glob("*.png"))
+    deeper = project / "somewhere" / "deeper"
+    deeper.mkdir(parents=True)
+    monkeypatch.chdir(deeper)
+    assert main(["analyze", str(image), "--json", "--max-new-tokens", "8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image"] == str(image)
+    assert not (deeper / "runs").exists()
+
+
+def test_analyze_without_a_store_names_it_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    from facial_r1_core.cli import main
+
+    project = _checkout(tmp_path / "empty")
+    monkeypatch.setenv("FACIAL_R1_HOME", str(project))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_toy_dataset(tmp_path / "faces", 1, dataset="Toy")
+    image = next((tmp_path / "faces" / "Toy").glob("*.png"))
+    assert main(["analyze", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert f"sqlite:///{project}/runs/mlflow.db" in err and "make demo" in err
+    assert not (project / "runs").exists() and not (tmp_path / "runs").exists()

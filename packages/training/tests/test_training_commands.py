@@ -37,7 +37,7 @@ EXPECTED = {
         "demo-faces",
         "seed-sft",
     },
-    "pipeline": {"prepare-data", "version-data", "render-k8s", "summary", "demo"},
+    "pipeline": {"prepare-data", "version-data", "demo-data", "render-k8s", "summary", "demo"},
     "model": {"build-tiny", "merge-lora"},
 }
 

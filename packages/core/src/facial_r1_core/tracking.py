@@ -2,8 +2,10 @@
 
 Resolution order for the tracking URI: ``MLFLOW_TRACKING_URI`` in the environment, then the
 profile's ``mlflow.tracking_uri``. Relative ``sqlite:///`` paths and the artifact folder are made
-absolute against the repository root (``FACIAL_R1_HOME`` or the current directory), so a stage
-started from any folder writes to the same store.
+absolute against the project home (:func:`project_home`: ``FACIAL_R1_HOME``, else the checkout
+around the current folder, else the checkout these packages are installed from), so a command
+started from any folder reads and writes the project's store. Readers (``facial-r1 analyze``)
+use :func:`existing_tracking_uri`, which never creates an empty store.
 """
 
 from __future__ import annotations
@@ -19,13 +21,35 @@ DEFAULT_EXPERIMENT = "facial-r1"
 DEFAULT_REGISTERED_MODEL = "facial-r1"
 
 
+class TrackingStoreError(FileNotFoundError):
+    """The tracking store a reader needs does not exist (the message names the URI)."""
+
+
+def _is_checkout(folder: Path) -> bool:
+    return (folder / "configs").is_dir() and (folder / "packages" / "core").is_dir()
+
+
 def project_home() -> Path:
-    """The repository root used to resolve relative paths of the embedded default."""
-    return Path(os.environ.get("FACIAL_R1_HOME") or os.getcwd()).resolve()
+    """The project root that relative profile paths resolve against.
+
+    ``$FACIAL_R1_HOME``; else the nearest folder at or above the current one that is a checkout
+    of this repository (``configs/`` and ``packages/core/``); else the checkout this package is
+    installed from (an editable install); else the current folder.
+    """
+    given = os.environ.get("FACIAL_R1_HOME")
+    if given:
+        return Path(given).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if _is_checkout(folder):
+            return folder
+    source = Path(__file__).resolve().parents[4]  # <repo>/packages/core/src/facial_r1_core
+    return source if _is_checkout(source) else here
 
 
-def resolve_tracking_uri(config: Mapping[str, Any] | None = None) -> str:
-    """The tracking URI, with a relative SQLite path made absolute.
+def resolve_tracking_uri(config: Mapping[str, Any] | None = None, *, create: bool = True) -> str:
+    """The tracking URI, with a relative SQLite path made absolute (its folder created unless
+    ``create=False``).
 
     >>> os.environ.pop("MLFLOW_TRACKING_URI", None) and None
     >>> resolve_tracking_uri({"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}})
@@ -37,8 +61,23 @@ def resolve_tracking_uri(config: Mapping[str, Any] | None = None) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         db = project_home() / uri[len(prefix) :]
-        db.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            db.parent.mkdir(parents=True, exist_ok=True)
         uri = prefix + str(db)
+    return uri
+
+
+def existing_tracking_uri(config: Mapping[str, Any] | None = None) -> str:
+    """The tracking URI for reading; TrackingStoreError when it is a SQLite file that does not
+    exist (MLflow would silently create an empty store there)."""
+    uri = resolve_tracking_uri(config, create=False)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_file():
+        raise TrackingStoreError(
+            f"no MLflow tracking store at {uri} (project home {project_home()}): run an "
+            "iteration first (`make demo`), set FACIAL_R1_HOME to the project folder or "
+            "MLFLOW_TRACKING_URI to the store, or pass --model with a model folder"
+        )
     return uri
 
 

@@ -1,14 +1,17 @@
 """The two data steps of an iteration, as commands any runner can start.
 
 ``facial-r1 pipeline prepare-data`` makes ``data/`` match ``data.dvc`` and checks the inputs;
-``facial-r1 pipeline version-data`` adds ``data/`` as a new DVC version and pushes it. Both follow
+``facial-r1 pipeline version-data`` adds ``data/`` as a new DVC version, pushes it and, in a git
+work tree, commits ``data.dvc`` alone (``git log -- data.dvc`` is the dataset history);
+``facial-r1 pipeline demo-data`` prints (or writes into ``data.dvc``) the DVC version of the demo
+data the profile builds. The first two follow
 the stage contract (``--config --set --result``) so the local runner runs them as processes and
 the Kubernetes runner as CPU pods next to the shared volume.
 
 prepare-data, in order (nothing is ever deleted):
 
-1. ``dvc init`` if needed (analytics off) and a default remote (the local folder
-   ``.dvc-remote/`` unless one is configured);
+1. ``dvc init`` if needed (analytics off) and a default remote (the machine's shared folder,
+   see :mod:`facial_r1_pipeline.dvc`, unless one is configured);
 2. ``data.dvc`` exists and ``data/`` matches it: make sure the remote has it (push if not);
    ``data/`` missing: ``dvc pull``; ``data/`` differs from ``data.dvc``: keep it (an interrupted
    iteration left work that version_data will record) and say so;
@@ -16,7 +19,12 @@ prepare-data, in order (nothing is ever deleted):
    ``--bootstrap``, build the demo dataset (``facial-r1 data demo-faces`` and
    ``facial-r1 data seed-sft``), then ``dvc add`` + ``dvc push``;
 4. the profile's base model folder (``model.path`` under ``runs/``) missing: with
-   ``--bootstrap``, ``facial-r1 model build-tiny``;
+   ``--bootstrap``, ``facial-r1 model build-tiny`` (in parallel with the data steps);
+
+The demo data and the tiny model are deterministic, so both builds are cached by a content key
+(:mod:`facial_r1_pipeline.demodata`): a second bootstrap with the same profile and code copies
+them in seconds.
+
 5. every input file is validated (schema per line, image present); errors name file and line.
 """
 
@@ -31,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +104,8 @@ def _needs_bootstrap(repo: Path, files: Mapping[str, str]) -> bool:
 
 
 def bootstrap_data(repo: Path, config: str, overrides: Sequence[str], work: Path) -> None:
-    """Build the demo faces and their seed reasoning set (deterministic by seed)."""
+    """Build the demo faces and their seed reasoning set (deterministic by seed) under ``repo``."""
+    work.mkdir(parents=True, exist_ok=True)
     exe = _facial_r1()
     sets = [a for o in overrides for a in ("--set", o)]
     _run_command(
@@ -126,13 +136,24 @@ def bootstrap_model(
             f"base model folder {path} is missing (enable bootstrap, or run "
             "`facial-r1 model build-tiny`)"
         )
+    from . import demodata
+
+    entry, hit = demodata.tiny_model(repo, profile, config, overrides, build_model)
+    demodata.copy_into(entry / "model", repo / path)
+    print(f"base model {path}: {'copied from the cache' if hit else 'built'} ({entry})", flush=True)
+    return "cached" if hit else "built"
+
+
+def build_model(target: Path, config: str, overrides: Sequence[str], work: Path) -> None:
+    """``facial-r1 model build-tiny`` into ``target`` (untracked: a cached, seeded build)."""
+    work.mkdir(parents=True, exist_ok=True)
     sets = [a for o in overrides for a in ("--set", o)]
+    output = ["--output-dir", str(target), "--no-mlflow"]
     _run_command(
-        [_facial_r1(), "model", "build-tiny", "--config", config, *sets],
-        repo,
+        [_facial_r1(), "model", "build-tiny", "--config", config, *sets, *output],
+        work,
         work / "model_build_tiny.json",
     )
-    return "built"
 
 
 def prepare(
@@ -150,6 +171,10 @@ def prepare(
 
     started = time.time()
     files = input_files(profile)
+    # the base model builds in parallel with the data steps (each is one process)
+    model_job = ThreadPoolExecutor(1).submit(
+        bootstrap_model, repo, profile, config, overrides, work, bootstrap
+    )
     remote = dvc.ensure_repo(repo)
     version = dvc.read_version(repo)
     data_dir = repo / dvc.TRACKED
@@ -163,6 +188,7 @@ def prepare(
         except dvc.DvcError as exc:
             # e.g. a fresh clone whose remote is empty: rebuilt below when bootstrap is allowed
             print(f"dvc pull failed: {str(exc).splitlines()[0]}", flush=True)
+            print(_pull_help(repo, remote, version.md5), flush=True)
     elif version is not None:
         if dvc.workspace_matches(repo):
             if not dvc.in_remote(repo):
@@ -184,15 +210,25 @@ def prepare(
             missing = [f for f in files.values() if not (repo / f).is_file()]
             raise DataStepError(
                 f"input files missing: {', '.join(missing)} (dvc pull failed or "
-                "there is no data version yet; enable bootstrap to build the "
-                "demo dataset)"
+                "there is no data version yet). "
+                + _pull_help(repo, remote, version.md5 if version else "")
             )
-        print("building the demo dataset (fresh clone or empty remote)", flush=True)
-        bootstrap_data(repo, config, overrides, work)
+        from . import demodata
+
+        print("demo dataset (fresh clone or empty remote)", flush=True)
+        entry, hit = demodata.demo_data(repo, profile, config, overrides, bootstrap_data)
+        print(f"  {'copied from the cache' if hit else 'built'} ({entry})", flush=True)
+        demodata.copy_into(entry / dvc.TRACKED, repo / dvc.TRACKED)
         new = dvc.version_and_push(repo)
         print(f"demo dataset versioned as {new.md5} and pushed to {remote}", flush=True)
+        if version is not None and version.md5 != new.md5:
+            print(
+                f"note: data.dvc named {version.md5}; the profile builds {new.md5} "
+                "(`make data-dvc` rewrites data.dvc from the profile)",
+                flush=True,
+            )
         state = "bootstrapped"
-    model_state = bootstrap_model(repo, profile, config, overrides, work, bootstrap)
+    model_state = model_job.result()
     metrics: dict[str, float] = {}
     for name, path in {**files, **{f"check{i}": c for i, c in enumerate(checks)}}.items():
         counts = validate_file(repo, path)
@@ -208,6 +244,20 @@ def prepare(
     metrics["data_files"] = version.nfiles if version else 0
     metrics["wall_time_s"] = round(time.time() - started, 3)
     return outputs, metrics
+
+
+def _pull_help(repo: Path, remote: str, md5: str) -> str:
+    """What to run when the default remote cannot provide a data version."""
+    from . import dvc
+
+    folder = dvc.remote_path(repo)
+    where = f"remote '{remote}' ({folder})" if folder else f"remote '{remote}'"
+    return (
+        f"The DVC {where} does not hold data version {md5 or '(none yet)'}. Run `make data` "
+        "to build the demo dataset (bit for bit the version the profile names) and push it, or "
+        f"point ${dvc.REMOTE_ENV} at a folder that holds it (or `dvc remote modify --local "
+        f"{remote} url PATH`) and run `dvc pull`."
+    )
 
 
 def restore_version(repo: Path, md5: str, missing: Sequence[str]) -> str:
@@ -245,15 +295,19 @@ def restore_version(repo: Path, md5: str, missing: Sequence[str]) -> str:
     return "restored"
 
 
-def version(repo: Path) -> tuple[dict, dict]:
+def version(repo: Path, iteration: int | None = None) -> tuple[dict, dict]:
     from . import dvc
 
     started = time.time()
     remote = dvc.ensure_repo(repo)
     v = dvc.version_and_push(repo)
     print(f"data version {v.md5}: {v.nfiles} files, {v.size} bytes, pushed to {remote}", flush=True)
+    what = f"iteration {iteration}" if iteration is not None else "new version"
+    commit = dvc.commit_pointer(repo, f"data: {what}, data.dvc md5 {v.md5}")
+    if commit:
+        print(f"data.dvc committed as {commit}", flush=True)
     return (
-        {"data_md5": v.md5, "dvc_file": "data.dvc", "remote": remote},
+        {"data_md5": v.md5, "dvc_file": "data.dvc", "remote": remote, "data_commit": commit},
         {
             "data_files": v.nfiles,
             "data_bytes": v.size,
@@ -294,10 +348,24 @@ def add_parsers(verbs) -> None:
         "version-data",
         help="dvc add data/ and dvc push; print the md5",
         description="Record data/ as a new DVC version (data.dvc) and push it to the default "
-        "remote. Unchanged data gives the same md5 and pushes nothing.",
+        "remote; in a git work tree, commit data.dvc alone (message: the iteration and md5). "
+        "Unchanged data gives the same md5, pushes nothing and commits nothing.",
     )
+    ver.add_argument("--iteration", type=int, default=None, help="named in the commit message")
     _common(ver)
     ver.set_defaults(func=_run_version)
+    demo = verbs.add_parser(
+        "demo-data",
+        help="the DVC md5 of the demo data the profile builds (cached); --write-dvc-file",
+        description="Build (or take from the cache) the demo dataset the profile describes and "
+        "print its DVC version. With --write-dvc-file, write it into data.dvc: what `make "
+        "data-dvc` runs after a change to the demo_faces/seed_sft sections or their code.",
+    )
+    demo.add_argument(
+        "--write-dvc-file", action="store_true", help="rewrite data.dvc with this version"
+    )
+    _common(demo)
+    demo.set_defaults(func=_run_demo_data)
 
 
 def _common(parser) -> None:
@@ -368,8 +436,47 @@ def _run_version(args) -> int:
     started = time.time()
     try:
         repo, _, _ = _context(args)
-        outputs, metrics = version(repo)
+        outputs, metrics = version(repo, args.iteration)
     except Exception as exc:
         print(f"facial-r1 pipeline version-data: failed: {exc}", file=sys.stderr)
         return 1
     return _finish("version_data", args, outputs, metrics, started)
+
+
+def demo_data_version(repo: Path, profile: Mapping[str, Any], config: str, overrides) -> dict:
+    """The DVC version (md5, size, nfiles) of the demo data ``profile`` builds."""
+    from . import demodata
+
+    entry, _ = demodata.demo_data(repo, profile, config, overrides, bootstrap_data)
+    return demodata.demo_data_version(entry)
+
+
+def write_dvc_file(repo: Path, version: Mapping[str, Any]) -> Path:
+    """``data.dvc`` naming ``version`` (the layout ``dvc add data`` writes)."""
+    from facial_r1_core.schema import atomic_write
+
+    from . import dvc
+
+    path = repo / f"{dvc.TRACKED}.dvc"
+    with atomic_write(path) as handle:
+        handle.write(
+            f"outs:\n- md5: {version['md5']}\n  size: {version['size']}\n"
+            f"  nfiles: {version['nfiles']}\n  hash: md5\n  path: {dvc.TRACKED}\n"
+        )
+    return path
+
+
+def _run_demo_data(args) -> int:
+    started = time.time()
+    try:
+        repo, config, profile = _context(args)
+        found = demo_data_version(repo, profile, config, args.overrides)
+        outputs = {"data_md5": found["md5"]}
+        if args.write_dvc_file:
+            outputs["dvc_file"] = str(write_dvc_file(repo, found))
+            print(f"wrote {outputs['dvc_file']}: {found['md5']}", file=sys.stderr)
+    except Exception as exc:
+        print(f"facial-r1 pipeline demo-data: failed: {exc}", file=sys.stderr)
+        return 1
+    metrics = {"data_files": found["nfiles"], "data_bytes": found["size"]}
+    return _finish("demo_data", args, outputs, metrics, started)

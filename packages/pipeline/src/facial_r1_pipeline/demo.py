@@ -3,7 +3,8 @@
 Airflow runs on SQLite in a project-local ``AIRFLOW_HOME`` (``airflow-home/``, git-ignored); the
 DAG runs with ``airflow dags test facial_r1_iteration`` (every task in this process tree, the
 real task runner, XCom and retries; no scheduler needed), the stages as local processes of the
-trainer environment. MLflow is the SQLite store under ``runs/``; DVC's remote is ``.dvc-remote/``.
+trainer environment. MLflow is the SQLite store under ``runs/``; DVC's remote is the machine's
+shared folder (:mod:`facial_r1_pipeline.dvc`).
 The full Airflow output goes to ``airflow-home/demo-logs/``; the screen shows the stages'
 progress and, at the end, the table: per-stage wall time, key metrics, samples accepted, the data
 md5, the model version and the champion.

@@ -2,8 +2,15 @@
 
 Each dataset version the DAG produces is added (``dvc add data``) and pushed (``dvc push``) to
 the default remote; its md5 (the ``.dir`` hash in ``data.dvc``) is what MLflow runs and model
-versions record. The embedded default remote is a local folder (``.dvc-remote/``, git-ignored);
-production points the same remote name at object storage (docs/operations.md).
+versions record, and :func:`commit_pointer` commits ``data.dvc`` so that ``git log -- data.dvc``
+is the dataset history.
+
+The embedded default remote ``local`` is a folder shared by every clone on the machine, outside
+the work tree: ``$FACIAL_R1_DVC_REMOTE``, else ``${XDG_DATA_HOME:-~/.local/share}/facial-r1/
+dvc-remote``. The committed ``.dvc/config`` names ``~/.local/share/facial-r1/dvc-remote`` (DVC
+expands ``~``), so a plain ``dvc pull`` works in any clone; when the environment points
+elsewhere, :func:`ensure_repo` writes that folder into the clone's git-ignored
+``.dvc/config.local``. Production points the remote at object storage (docs/operations.md).
 
 Changes go through DVC's own command line (``dvc init/config/remote/add/push/pull``, the
 commands a person types, run in-process); read-only questions (status, config) use its ``Repo``.
@@ -17,14 +24,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("facial_r1.pipeline.dvc")
 
 DEFAULT_REMOTE_NAME = "local"
-DEFAULT_REMOTE_DIR = ".dvc-remote"
+REMOTE_ENV = "FACIAL_R1_DVC_REMOTE"
+#: what the committed .dvc/config names; DVC expands ``~``
+DEFAULT_REMOTE_URL = "~/.local/share/facial-r1/dvc-remote"
 TRACKED = "data"
+
+
+def shared_remote_dir() -> Path:
+    """The machine-wide folder of the embedded default remote (see the module docstring).
+
+    >>> os.environ[REMOTE_ENV] = "/srv/dvc"; str(shared_remote_dir()); del os.environ[REMOTE_ENV]
+    '/srv/dvc'
+    """
+    given = os.environ.get(REMOTE_ENV)
+    if given:
+        return Path(given).expanduser().resolve()
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return (Path(base).expanduser() / "facial-r1" / "dvc-remote").resolve()
 
 
 class DvcError(RuntimeError):
@@ -62,8 +85,12 @@ def dvc(repo: str | os.PathLike, *args: str, check: bool = True) -> DvcResult:
 
     os.environ["DVC_NO_ANALYTICS"] = "1"
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["--cd", str(repo), *args])
+    cwd = os.getcwd()  # `--cd` changes the process's folder and does not change it back
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["--cd", str(repo), *args])
+    finally:
+        os.chdir(cwd)
     result = DvcResult(int(code or 0), out.getvalue(), err.getvalue())
     if check and result.returncode != 0:
         raise DvcError(
@@ -89,7 +116,10 @@ def ensure_repo(
     """Initialise DVC if needed (analytics off) and make sure a default remote exists.
 
     Returns the default remote's name. An existing default remote (e.g. an S3 bucket configured
-    by an operator) is left alone; only when none is set is the local folder remote added.
+    by an operator) is left alone; only when none is set is the shared folder remote added. When
+    the default is the embedded ``local`` remote and the environment names another folder
+    (``$FACIAL_R1_DVC_REMOTE``, ``$XDG_DATA_HOME``) the clone's ``.dvc/config.local`` points it
+    there.
     """
     repo = Path(repo)
     if not is_initialised(repo):
@@ -99,10 +129,12 @@ def ensure_repo(
     dvc(repo, "config", "core.autostage", "false")
     current = default_remote(repo)
     if current:
+        if current == DEFAULT_REMOTE_NAME and remote_path(repo) is not None:
+            wanted = Path(remote_url).resolve() if remote_url else shared_remote_dir()
+            if remote_path(repo) != wanted:
+                dvc(repo, "remote", "modify", "--local", current, "url", str(wanted))
         return current
-    # A relative local path is given as seen from the repository root (dvc runs there); DVC
-    # itself rewrites it relative to .dvc/config.
-    url = remote_url or DEFAULT_REMOTE_DIR
+    url = remote_url or str(shared_remote_dir())
     dvc(repo, "remote", "add", "-d", "-f", remote_name, url)
     return remote_name
 
@@ -211,3 +243,40 @@ def version_and_push(repo: str | os.PathLike, target: str = TRACKED) -> DataVers
         "data version %s (%d files, %d bytes) pushed", version.md5, version.nfiles, version.size
     )
     return version
+
+
+def _git(repo: str | os.PathLike, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def commit_pointer(repo: str | os.PathLike, message: str, target: str = TRACKED) -> str:
+    """Commit ``<target>.dvc`` alone (nothing else staged or changed goes in) when ``repo`` is a
+    git work tree; returns the commit that holds the current pointer ('' outside git).
+
+    An unchanged pointer makes no new commit: the newest commit that touched it is returned.
+    Without a configured git identity the commit is authored as ``facial-r1``.
+    """
+    dvc_file = f"{target}.dvc"
+    inside = _git(repo, "rev-parse", "--is-inside-work-tree")
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        return ""
+    if not (Path(repo) / dvc_file).is_file():
+        return ""
+    identity = []
+    if not _git(repo, "config", "user.email").stdout.strip():
+        identity = ["-c", "user.name=facial-r1", "-c", "user.email=facial-r1@localhost"]
+    added = _git(repo, "add", "--", dvc_file)
+    if added.returncode != 0:
+        raise DvcError(f"git add {dvc_file} failed in {repo}: {added.stderr.strip()}")
+    changed = _git(repo, "diff", "--cached", "--quiet", "--", dvc_file).returncode != 0
+    if changed:
+        done = _git(
+            repo, *identity, "commit", "-q", "--no-verify", "-m", message, "--only", "--", dvc_file
+        )
+        if done.returncode != 0:
+            raise DvcError(f"git commit of {dvc_file} failed in {repo}: {done.stderr.strip()}")
+        log.info("committed %s: %s", dvc_file, message)
+    last = _git(repo, "log", "-1", "--format=%H", "--", dvc_file)
+    return last.stdout.strip()

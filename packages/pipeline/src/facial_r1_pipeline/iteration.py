@@ -494,17 +494,24 @@ def version_data(
     from . import lineage
 
     grown = (filter_result.get("outputs") or {}).get("train") or ctx["paths"]["grown_file"]
-    result = run_data_step(ctx, "version-data", [], context)
+    result = run_data_step(ctx, "version-data", ["--iteration", str(ctx["iteration"])], context)
     md5 = result["outputs"]["data_md5"]
+    commit = result["outputs"].get("data_commit") or ""
     client = lineage.client_for(load(ctx))
     parent = ctx["parent_run_id"]
     client.set_tag(parent, lineage.DATA_MD5_TAG, md5)
+    client.set_tag(parent, "data_commit", commit)
     client.set_tag(parent, "grown_file", _relative(ctx, grown))
     lineage.log_stage(client, parent, "version_data", result)
     dvc_file = Path(ctx["repo"]) / "data.dvc"
     if dvc_file.is_file():
         client.log_text(parent, dvc_file.read_text(encoding="utf-8"), "data/data.dvc")
-    return {**_slim(result), "data_md5": md5, "grown_file": _relative(ctx, grown)}
+    return {
+        **_slim(result),
+        "data_md5": md5,
+        "data_commit": commit,
+        "grown_file": _relative(ctx, grown),
+    }
 
 
 def _relative(ctx: Mapping[str, Any], path: str) -> str:
@@ -538,6 +545,7 @@ def promote(
     tags = {
         "git_commit": lineage.git_commit(ctx["repo"]),
         "data_md5": data.get("data_md5", ""),
+        "data_commit": data.get("data_commit", ""),
         "config_hash": ctx["config_hash"],
         "run_key": ctx["run_key"],
         "parent_run_id": parent,

@@ -38,16 +38,19 @@ def resolve_model(
     """A loadable model location for a folder, hub id or ``models:/`` / ``runs:/`` URI."""
     if value.startswith(("models:/", "runs:/")):
         import mlflow
-        from facial_r1_core.tracking import configure_mlflow, project_home
+        from facial_r1_core.tracking import existing_tracking_uri, project_home
 
-        configure_mlflow(profile or {})
+        uri = existing_tracking_uri(profile or {})  # never creates an empty store
+        mlflow.set_tracking_uri(uri)
         key = hashlib.sha256(value.encode()).hexdigest()[:12]
         cache = (cache_root or project_home() / "runs" / "model-cache") / key
         cache.mkdir(parents=True, exist_ok=True)
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=value, dst_path=cache))
         except Exception as exc:
-            raise FileNotFoundError(f"cannot resolve {value} through MLflow: {exc}") from exc
+            raise FileNotFoundError(
+                f"cannot resolve {value} through the MLflow store {uri}: {exc}"
+            ) from exc
         folder = find_model_dir(local)
         if folder is None:
             raise FileNotFoundError(f"{value} holds no model folder (no config.json) in {local}")

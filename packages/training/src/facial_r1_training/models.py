@@ -50,7 +50,7 @@ TINY_MARKER = "facial_r1_tiny.json"
 
 @dataclasses.dataclass
 class TinyModelSpec:
-    """Sizes of the tiny stand-in (ENVIRONMENT.md); mrope sections must sum to head_dim/2."""
+    """Sizes of the tiny stand-in (~440k parameters); mrope sections must sum to head_dim/2."""
 
     hidden_size: int = 64
     intermediate_size: int = 128
