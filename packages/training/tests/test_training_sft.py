@@ -271,6 +271,7 @@ def test_sft_trains_saves_and_skips_bad_records(home, env, tmp_path):
             "runs/sft-a",
             "--result",
             str(result),
+            "--skip-bad-records",
         ]
     )
     assert code == 0

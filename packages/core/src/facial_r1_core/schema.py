@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .vocab import UnknownLabelError, normalize_emotion, record_au, sort_aus
+from .vocab import UnknownLabelError, normalize_au, normalize_emotion, record_au, sort_aus
 
 try:  # optional speed-up of the reader; the standard library is the fallback
     import orjson
@@ -168,14 +168,16 @@ class Record:
         description: str = "",
         meta_info: dict[str, Any] | None = None,
     ) -> Record:
-        """Build a record with normalised labels and the paper's id."""
+        """Build a record with normalised labels and the paper's id (converters build records
+        this way; every record read or written by a verb then passes :meth:`from_dict`, which
+        also rejects impossible AU codes such as AU99)."""
         image = check_image_path(image)
         return cls(
             id=record_id(dataset, image, question),
             dataset=dataset,
             image=image,
             question=question,
-            AUs=sort_aus(record_au(a) for a in AUs),
+            AUs=sort_aus(normalize_au(a) for a in AUs),
             labels=_dedupe(normalize_emotion(x) for x in labels),
             description=description,
             meta_info=dict(meta_info or {}),

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.config import checked
-from facial_r1_core.schema import Record, aus_annotated, iter_records_lenient, write_jsonl
+from facial_r1_core.schema import (
+    Record,
+    aus_annotated,
+    ensure_not_input,
+    iter_records_lenient,
+    write_jsonl,
+)
 from facial_r1_core.vocab import BASIC_EMOTIONS, EMOTIONS
 
 log = logging.getLogger("facial_r1.data.seed")
@@ -281,6 +287,7 @@ def build_seed(
     default_out, default_rej = default_outputs(input_path, dataset)
     output = output or default_out
     rejected = rejected or default_rej
+    ensure_not_input([output, rejected], [input_path], "seed")
     labels_seen = {r.labels[0] for r in eligible}
     emotions = cfg.emotions or list(EMOTIONS if "contempt" in labels_seen else BASIC_EMOTIONS)
     chosen = select_balanced(eligible, cfg.count, cfg.seed)

@@ -3,7 +3,8 @@ served by vLLM), standard library only.
 
 Configuration comes from the environment: ``FACIAL_R1_TEACHER_BASE_URL`` (e.g.
 ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``), ``FACIAL_R1_TEACHER_MODEL`` and
-``FACIAL_R1_TEACHER_API_KEY`` (optional for local servers; never logged). The image is attached
+``FACIAL_R1_TEACHER_API_KEY`` (optional for local servers; never logged; read from that variable
+only, and sent only to the base URL's host: :mod:`facial_r1_core.endpoints`). The image is attached
 as a base64 ``data:`` URL. Requests are spaced by a rate limit shared by all threads; HTTP 429,
 5xx, timeouts and connection errors are retried with exponential backoff (``Retry-After`` is
 honoured); other HTTP errors fail at once.
@@ -103,7 +104,9 @@ class OpenAISettings:
                 f"the OpenAI-compatible teacher needs {' and '.join(missing)} in the environment "
                 "(or seed_sft.base_url / seed_sft.model in the profile)"
             )
-        return cls(base_url=url, model=name, api_key=os.environ.get(ENV_API_KEY, ""), **kwargs)
+        from facial_r1_core.endpoints import api_key
+
+        return cls(base_url=url, model=name, api_key=api_key("teacher"), **kwargs)
 
     def __repr__(self) -> str:  # never print the key
         return f"OpenAISettings(base_url={self.base_url!r}, model={self.model!r})"
@@ -165,11 +168,11 @@ class OpenAITeacher:
         return content
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        from facial_r1_core.endpoints import EndpointError, open_request
+
         s = self.settings
         blob = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if s.api_key:
-            headers["Authorization"] = f"Bearer {s.api_key}"
         last = ""
         for attempt in range(s.max_retries + 1):
             if attempt:
@@ -183,7 +186,7 @@ class OpenAITeacher:
             )
             retry_after: float | None = None
             try:
-                with urllib.request.urlopen(request, timeout=s.timeout_s) as response:
+                with open_request(request, s.base_url, s.api_key, s.timeout_s) as response:
                     text = response.read().decode("utf-8", errors="replace")
                 try:
                     return json.loads(text)
@@ -191,10 +194,12 @@ class OpenAITeacher:
                     raise TeacherError(f"response is not JSON: {text[:200]!r}") from None
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode("utf-8", errors="replace")[:300]
-                last = f"HTTP {exc.code}: {detail}"
+                last = f"HTTP {exc.code}: {detail or exc.reason}"
                 if exc.code not in RETRY_STATUS:
                     raise TeacherError(last) from None
                 retry_after = _retry_after(exc.headers.get("Retry-After"))
+            except EndpointError as exc:
+                raise TeacherError(str(exc)) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             if attempt < s.max_retries:

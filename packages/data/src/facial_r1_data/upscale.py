@@ -134,9 +134,8 @@ def upscale(
     link: str = "link",
     progress: bool = False,
 ) -> dict[str, Any]:
-    import json
 
-    from facial_r1_core.schema import Record, RecordError, atomic_write
+    from facial_r1_core.schema import RecordReader, atomic_write, ensure_not_input
     from PIL import Image
     from tqdm import tqdm
 
@@ -153,32 +152,26 @@ def upscale(
     out_jsonl = out_root / source.name
     q_path = reports_dir(out_root) / f"{source.stem}.upscale.quarantine.jsonl"
     start = time.perf_counter()
-    with (
-        open(source, encoding="utf-8") as handle,
-        atomic_write(out_jsonl) as fout,
-        atomic_write(q_path) as fq,
-    ):
+    ensure_not_input([out_jsonl, q_path], [source], "upscale")
+    reader = RecordReader(root=root)  # core's one reader: same verdicts as every verb
+    with atomic_write(out_jsonl) as fout, atomic_write(q_path) as fq:
         qw = QuarantineWriter(fq)
-        for number, text in enumerate(
-            tqdm(
-                handle,
-                desc=f"upscale {source.name}",
-                unit="img",
-                disable=not progress,
-                mininterval=1.0,
-            ),
-            start=1,
+        for res in tqdm(
+            reader.read(source),
+            desc=f"upscale {source.name}",
+            unit="img",
+            disable=not progress,
+            mininterval=1.0,
         ):
-            if not text.strip():
-                continue
             tally.read_one()
-            src = {"file": source.name, "line": number}
-            try:
-                rec = Record.from_dict(json.loads(text), path=source, line=number)
-            except (json.JSONDecodeError, RecordError) as exc:
-                tally.reject("schema_error")
-                qw.write("schema_error", str(exc), src, text.rstrip("\n"))
+            src = {"file": source.name, "line": res.line}
+            if res.error is not None:
+                err = res.error
+                tally.reject(err.code)
+                fld = f"field '{err.field}': " if err.field else ""
+                qw.write(err.code, fld + err.reason, src, res.data if res.data else res.raw)
                 continue
+            rec = res.record
             src_path = rec.image_path(root)
             dest = rec.image_path(out_root)
             try:

@@ -13,6 +13,7 @@ import argparse
 import importlib
 
 from facial_r1_core.cli import deprecated_flag
+from facial_r1_core.schema import add_skip_bad_records_argument
 
 from .stage import add_stage_arguments
 
@@ -183,6 +184,7 @@ def _training_flags(parser: argparse.ArgumentParser, section: str) -> None:
         help=f"checkpoints and final model (overrides {section}.output_dir)",
     )
     parser.add_argument("--max-steps", type=int, help=f"overrides {section}.max_steps")
+    add_skip_bad_records_argument(parser)
     add_stage_arguments(parser, resumable=True)
 
 
@@ -226,11 +228,19 @@ def _training_config_flags(args) -> dict:
     }
 
 
+def _check_train_files(ctx) -> None:
+    from .data import check_inputs
+
+    files = [ctx.path(f) for f in ctx.config.train_files()]
+    check_inputs(ctx, [f for f in files if f.is_file()])
+
+
 def _run_sft(args) -> int:
     from .configs import SFTStageConfig
     from .stage import run_stage
 
     def body(ctx):
+        _check_train_files(ctx)  # bad records stop the stage before trl is even imported
         from .sft import run_sft
 
         return run_sft(ctx)
@@ -250,6 +260,7 @@ def _run_grpo(args) -> int:
     from .stage import run_stage
 
     def body(ctx):
+        _check_train_files(ctx)
         from .grpo import run_grpo
 
         return run_grpo(ctx)

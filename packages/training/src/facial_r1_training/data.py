@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.prompts import DEFAULT_QUESTION, sft_prompt, synthesis_prompt
-from facial_r1_core.schema import Record, aus_annotated, iter_records_lenient
+from facial_r1_core.schema import Record, aus_annotated, iter_records_lenient, preflight
 
 log = logging.getLogger("facial_r1.data")
 
@@ -127,7 +127,7 @@ def load_records(
             raise FileNotFoundError(f"training file not found: {path}")
         root = path.parent
         for res in tqdm(
-            iter_records_lenient(path),
+            iter_records_lenient(path, root=root),
             desc=f"reading {path.name}",
             unit="rec",
             disable=not progress,
@@ -162,6 +162,21 @@ def load_records(
         items = items[:max_samples]
         report.kept = len(items)
     return items, report
+
+
+def check_inputs(ctx, files: Iterable[str | os.PathLike], limit: int = 0) -> dict[str, int]:
+    """Core's preflight for a training stage: every line of every input through the one reader
+    before any work; bad records stop the stage with exit 2 (file:line:field listed), unless
+    ``--skip-bad-records`` was given (then they are printed and counted)."""
+    import sys
+
+    skip = bool(getattr(getattr(ctx, "args", None), "skip_bad_records", False))
+    return preflight(
+        [Path(f) for f in files],
+        skip_bad=skip,
+        limit=limit,
+        echo=lambda m: print(m, file=sys.stderr),
+    )
 
 
 def _question(rec: Record, question: str | None) -> str:

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.config import ConfigError, checked
-from facial_r1_core.schema import Record, atomic_write, aus_annotated, iter_records_lenient
+from facial_r1_core.schema import (
+    Record,
+    atomic_write,
+    aus_annotated,
+    ensure_not_input,
+    iter_records_lenient,
+)
 
 from .generation import GenerationBackend, GenerationRequest, load_image
 
@@ -100,7 +106,7 @@ def load_test_set(path: Path, limit: int = 0) -> tuple[list[tuple[Record, Any]],
     root = path.parent
     ready: list[tuple[Record, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for count, result in enumerate(iter_records_lenient(path), start=1):
+    for count, result in enumerate(iter_records_lenient(path, root=root), start=1):
         if limit and count > limit:
             break
         if result.record is None:
@@ -348,6 +354,8 @@ def evaluate(
     from facial_r1_core.prompts import sft_prompt
 
     check_limit(cfg.limit)
+    names = ("predictions.jsonl", "report.json", "report.md")
+    ensure_not_input([output_dir / n for n in names], [test_file], "evaluate")
     ready, skipped = load_test_set(test_file, cfg.limit)
     records = [r for r, _ in ready]
     if not records:
@@ -455,6 +463,7 @@ def evaluate(
 
 def add_parser(subparsers) -> None:
     from facial_r1_core.cli import positional_input
+    from facial_r1_core.schema import add_skip_bad_records_argument
 
     from .stage import add_stage_arguments
 
@@ -474,6 +483,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--output-dir", help="report folder (overrides evaluate.output_dir)")
     parser.add_argument("--limit", type=int, help="at most N test records")
+    add_skip_bad_records_argument(parser)
     add_stage_arguments(parser)
     parser.set_defaults(func=main)
 
@@ -513,6 +523,9 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
 
     if next(iter_jsonl_lines(test_file), None) is None:  # before loading any model
         raise EmptyTestSetError(f"test file {test_file} holds no records: nothing to evaluate")
+    from .data import check_inputs
+
+    check_inputs(ctx, [test_file], limit=max(cfg.limit or 0, 0))
     model_path = resolve_model(cfg.model_path, ctx.profile, resolve=ctx.path)
     backend = create_backend(
         cfg.backend,

@@ -30,6 +30,7 @@ from facial_r1_core.schema import (
     Record,
     atomic_write,
     aus_annotated,
+    ensure_not_input,
     iter_records_lenient,
     write_jsonl,
 )
@@ -146,7 +147,8 @@ def _resolve_images_root(records: list[Record], src_root: Path, out_root: Path) 
 
 def _read_lenient(path: Path, label: str, errors: list[str]) -> list[Record]:
     records = []
-    for result in iter_records_lenient(path):
+    # ids repeat here only on purpose (a test input); the dedupe step below counts them
+    for result in iter_records_lenient(path, root=path.parent, unique_ids=False):
         if result.record is None:
             errors.append(f"{label}: {result.error}")
         else:
@@ -186,6 +188,8 @@ def run_filter(cfg: FilterConfig, *, resolve=lambda p: Path(p)) -> FilterOutcome
     test_path = resolve(cfg.test_file) if cfg.test_file else root / f"{stem}_synth_test.jsonl"
     review_dir = resolve(cfg.review_dir)
     work_dir = resolve(cfg.work_dir)
+    seed_in = resolve(cfg.seed_file) if cfg.seed_file else None
+    ensure_not_input([output_path, test_path], [synth_path, seed_in], "filter")
     input_errors: list[str] = []
 
     synthesized = _read_lenient(synth_path, str(synth_path), input_errors)
@@ -339,6 +343,7 @@ def _review_row(
 
 def add_parser(subparsers) -> None:
     from facial_r1_core.cli import positional_input
+    from facial_r1_core.schema import add_skip_bad_records_argument
 
     from .stage import add_stage_arguments
 
@@ -360,6 +365,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--seed-file", help="seed training JSONL (overrides filter.seed_file)")
     parser.add_argument("--output", help="grown training JSONL (overrides filter.output_file)")
+    add_skip_bad_records_argument(parser)
     add_stage_arguments(parser)
     parser.set_defaults(func=main)
 
@@ -383,6 +389,10 @@ def main(args) -> int:
 
 def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg: FilterConfig = ctx.config
+    from .data import check_inputs
+
+    inputs = [ctx.path(p) for p in (cfg.synthesized_file, cfg.seed_file) if p]
+    check_inputs(ctx, [p for p in inputs if p.is_file()])
     outcome = run_filter(cfg, resolve=ctx.path)
     for name in ("stats", "review_html", "review_csv"):
         ctx.log_artifact(outcome.outputs[name], "filter")

@@ -1,9 +1,11 @@
 """Optional LLM judge: scores generated reasoning against the reference, 0-10, through any
 OpenAI-compatible ``/chat/completions`` endpoint (the paper used GPT-4o-mini).
 
-The endpoint comes from the profile (``evaluate.judge``) or the environment:
-``FACIAL_R1_JUDGE_BASE_URL`` (e.g. ``https://api.openai.com/v1`` or a vLLM server's ``/v1``),
-``FACIAL_R1_JUDGE_MODEL`` and the key in ``FACIAL_R1_JUDGE_API_KEY`` (never in a profile).
+The endpoint comes from the environment, else the profile (``evaluate.judge``):
+``FACIAL_R1_JUDGE_BASE_URL`` (e.g. ``https://api.openai.com/v1`` or a vLLM server's ``/v1``) and
+``FACIAL_R1_JUDGE_MODEL``. The key is read only from ``FACIAL_R1_JUDGE_API_KEY`` (never from a
+profile, whose keys cannot name another variable) and is sent only to the base URL's host
+(:mod:`facial_r1_core.endpoints`: a redirect elsewhere is refused).
 
 A failed call (network, HTTP error, unparseable reply) is reported as a failure with its reason;
 it is never scored 0. Only the standard library is used.
@@ -24,6 +26,8 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from facial_r1_core.endpoints import EndpointError, api_key, open_request
 
 JUDGE_PROMPT = """You are grading facial emotion reasoning. Compare the candidate reasoning with \
 the reference reasoning for the same face image. Judge semantic agreement: the same Action Units \
@@ -48,7 +52,6 @@ class JudgeConfig:
     enabled: bool = False
     base_url: str = ""
     model: str = ""
-    api_key_env: str = "FACIAL_R1_JUDGE_API_KEY"
     max_samples: int = 100
     timeout_s: float = 60.0
     retries: int = 2
@@ -84,9 +87,9 @@ class JudgeClient:
     """A minimal OpenAI-compatible chat client (urllib; retries with backoff)."""
 
     def __init__(self, cfg: JudgeConfig):
-        self.base_url = (cfg.base_url or os.environ.get("FACIAL_R1_JUDGE_BASE_URL", "")).rstrip("/")
-        self.model = cfg.model or os.environ.get("FACIAL_R1_JUDGE_MODEL", "")
-        self.api_key = os.environ.get(cfg.api_key_env, "")
+        self.base_url = (os.environ.get("FACIAL_R1_JUDGE_BASE_URL") or cfg.base_url).rstrip("/")
+        self.model = os.environ.get("FACIAL_R1_JUDGE_MODEL") or cfg.model
+        self.api_key = api_key("judge")
         self.cfg = cfg
         if not self.base_url or not self.model:
             raise ValueError(
@@ -98,13 +101,10 @@ class JudgeClient:
         request = urllib.request.Request(
             f"{self.base_url}/chat/completions",
             data=json.dumps(payload).encode(),
-            headers={
-                "Content-Type": "application/json",
-                **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
-            },
+            headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
+        with open_request(request, self.base_url, self.api_key, self.cfg.timeout_s) as response:
             return json.loads(response.read().decode())
 
     def score(self, candidate: str, reference: str) -> JudgeResult:
@@ -127,6 +127,9 @@ class JudgeClient:
                 error = f"HTTP {exc.code}: {exc.reason}"
                 if exc.code not in (408, 409, 429) and exc.code < 500:
                     break
+            except EndpointError as exc:  # the key must not go there
+                error = f"request refused: {exc}"
+                break
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 error = f"request failed: {exc}"
             except (KeyError, IndexError, TypeError, ValueError) as exc:

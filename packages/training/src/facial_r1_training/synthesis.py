@@ -39,7 +39,13 @@ from typing import Any
 
 from facial_r1_core.config import checked
 from facial_r1_core.resume import StageStateError
-from facial_r1_core.schema import Record, atomic_write, aus_annotated, iter_records_lenient
+from facial_r1_core.schema import (
+    Record,
+    atomic_write,
+    aus_annotated,
+    ensure_not_input,
+    iter_records_lenient,
+)
 
 from .generation import GenerationBackend, GenerationRequest, load_image, sample_seed
 
@@ -373,7 +379,7 @@ def _prepare(result, root: Path) -> tuple[str, _Pending | dict[str, Any]]:
 
 def iter_input(path: str | os.PathLike, limit: int = 0):
     """Lenient records of the input JSONL, at most ``limit`` (0 = all)."""
-    for count, result in enumerate(iter_records_lenient(path), start=1):
+    for count, result in enumerate(iter_records_lenient(path, root=Path(path).parent), start=1):
         if limit and count > limit:
             return
         yield result
@@ -636,6 +642,11 @@ def run(
     rejected_path = Path(cfg.rejected_file) if cfg.rejected_file else rejected_default
     work = Path(cfg.work_dir)
     journal_path = work / "journal.jsonl"
+    ensure_not_input(
+        [accepted_path, rejected_path, journal_path, work / "synthesis_stats.json"],
+        [input_file],
+        "synthesize",
+    )
     signature = run_signature(input_file, cfg, model_id, seed)
     try:
         journal = Journal(journal_path, signature, str(input_file), fresh=fresh)
@@ -695,6 +706,7 @@ def prompt_emotions(configured: list[str] | None) -> list[str]:
 
 def add_parser(subparsers) -> None:
     from facial_r1_core.cli import positional_input
+    from facial_r1_core.schema import add_skip_bad_records_argument
 
     from .stage import add_stage_arguments
 
@@ -715,6 +727,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", help="model folder or hub id (synthesize.model_path)")
     parser.add_argument("--output", help="accepted JSONL (synthesize.output_file)")
     parser.add_argument("--limit", type=int, help="at most N input records (synthesize.limit)")
+    add_skip_bad_records_argument(parser)
     add_stage_arguments(parser, resumable=True)
     parser.set_defaults(func=main)
 
@@ -748,6 +761,10 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         if getattr(cfg, name):
             setattr(cfg, name, str(ctx.path(getattr(cfg, name))))
     cfg.work_dir = str(ctx.path(cfg.work_dir))
+    if cfg.input_file and Path(cfg.input_file).is_file():
+        from .data import check_inputs
+
+        check_inputs(ctx, [cfg.input_file], limit=cfg.limit)
     model_path = resolve_model_path(ctx, cfg.model_path)
     if not cfg.input_file:
         raise ValueError("synthesize.input_file is not set (or pass INPUT)")
