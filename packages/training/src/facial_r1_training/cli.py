@@ -190,6 +190,7 @@ def _run_sft(args) -> int:
         from .sft import run_sft
 
         _apply_flags(ctx.config, args)
+        ctx.revalidate()
         return run_sft(ctx)
 
     return run_stage(args, stage="sft", section="sft", config_cls=SFTStageConfig, body=body)
@@ -203,6 +204,7 @@ def _run_grpo(args) -> int:
         from .grpo import run_grpo
 
         _apply_flags(ctx.config, args)
+        ctx.revalidate()
         return run_grpo(ctx)
 
     return run_stage(args, stage="grpo", section="grpo", config_cls=GRPOStageConfig, body=body)
