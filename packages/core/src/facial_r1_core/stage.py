@@ -221,6 +221,12 @@ class StageContext:
 
             mlflow.log_figure(figure, artifact_file)
 
+    def revalidate(self) -> None:
+        """Check the typed section again (ConfigError, exit 2): a stage's own flags may have
+        changed it after the profile was read."""
+        if dataclasses.is_dataclass(self.config):
+            from_section(type(self.config), dataclasses.asdict(self.config), name=self.section)
+
     def resume_state(
         self,
         folder: str | os.PathLike,
@@ -239,8 +245,7 @@ class StageContext:
         """
         from . import resume
 
-        if dataclasses.is_dataclass(self.config):
-            from_section(type(self.config), dataclasses.asdict(self.config), name=self.section)
+        self.revalidate()
         fresh = fresh or bool(getattr(self.args, "fresh", False))
         state = resume.begin(
             folder,
