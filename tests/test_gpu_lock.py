@@ -1,0 +1,155 @@
+"""requirements/gpu.lock: the GPU image's environment resolves for the image's platform.
+
+pip's own resolver checks the lock (every pin, with dependencies) for Linux x86_64, CPython 3.11
+and every manylinux tag up to glibc 2.35 (Ubuntu 22.04, the base image), wheels only, reading
+metadata only (``--dry-run`` + ``fast-deps``: HTTP range requests, no multi-GB downloads). Needs
+PyPI (reachable here and in CI). The other checks read the committed files only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+REQ = REPO / "requirements"
+GLIBC_MINOR = 35  # Ubuntu 22.04
+PLATFORMS = [
+    *(f"manylinux_2_{m}_x86_64" for m in range(17, GLIBC_MINOR + 1)),
+    "manylinux2014_x86_64",
+    "linux_x86_64",
+]
+#: deepspeed 0.19.8's runtime Requires-Dist (PyPI metadata): installed with --no-deps, so the
+#: lock must hold each of them.
+DEEPSPEED_DEPS = [
+    "einops",
+    "hjson",
+    "msgpack",
+    "ninja",
+    "numpy",
+    "packaging",
+    "psutil",
+    "py-cpuinfo",
+    "pydantic",
+    "torch",
+    "tqdm",
+]
+ROUGE_SCORE_DEPS = ("absl-py", "nltk", "numpy", "six")
+#: What the trainer code needs in the image (requirements/trainer.in without dev tools).
+TRAINER_RUNTIME = [
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "pillow",
+    "mlflow",
+    "pyyaml",
+    "tqdm",
+    "matplotlib",
+    "vllm",
+]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """``name -> version`` of a lock; every line must be an exact ``==`` pin."""
+    pins: dict[str, str] = {}
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        spec = list(req.specifier)
+        assert len(spec) == 1 and spec[0].operator == "==", f"{path.name}:{lineno}: {raw!r}"
+        assert _norm(req.name) not in pins, f"{path.name}:{lineno}: {req.name} pinned twice"
+        pins[_norm(req.name)] = spec[0].version
+    return pins
+
+
+@pytest.fixture(scope="module")
+def gpu_lock() -> dict[str, str]:
+    return read_lock(REQ / "gpu.lock")
+
+
+@pytest.fixture(scope="module")
+def pip_report(tmp_path_factory) -> dict:
+    """pip's resolution of gpu.lock for the image platform (metadata only)."""
+    tmp = tmp_path_factory.mktemp("gpu-lock")
+    report = tmp / "report.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--isolated",  # this machine's pip config must not cap versions or add local wheels
+        "--dry-run",
+        "--ignore-installed",
+        "--only-binary=:all:",
+        *(f"--platform={p}" for p in PLATFORMS),
+        "--python-version=3.11",
+        "--implementation=cp",
+        "--abi=cp311",
+        f"--target={tmp / 'target'}",
+        "--use-feature=fast-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        f"--report={report}",
+        "-r",
+        str(REQ / "gpu.lock"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(report.read_text(encoding="utf-8"))
+
+
+def test_gpu_lock_resolves_exactly_for_the_image_platform(pip_report, gpu_lock):
+    resolved = {
+        _norm(i["metadata"]["name"]): i["metadata"]["version"] for i in pip_report["install"]
+    }
+    # nothing missing (pip would have added it) and nothing stale (pip would not install it)
+    assert resolved == gpu_lock
+    # wheels only, every one installable on the image's platform
+    for item in pip_report["install"]:
+        assert item["download_info"]["url"].endswith(".whl"), item["download_info"]["url"]
+
+
+def test_torch_is_vllms_pin_and_transformers_trl_inside_its_ranges(pip_report, gpu_lock):
+    meta = {_norm(i["metadata"]["name"]): i["metadata"] for i in pip_report["install"]}
+    needs = {}
+    for name in ("vllm", "trl"):
+        for line in meta[name].get("requires_dist", []):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                needs.setdefault(_norm(req.name), []).append((name, req.specifier))
+    torch_pin = [s for who, s in needs["torch"] if who == "vllm"]
+    assert [str(s) for s in torch_pin] == [f"=={gpu_lock['torch']}"]
+    for pkg in ("transformers", "accelerate", "datasets"):
+        for who, spec in needs.get(pkg, []):
+            assert spec.contains(gpu_lock[pkg], prereleases=True), (who, pkg, str(spec))
+
+
+def test_lock_holds_the_trainer_runtime_and_no_source_builds(gpu_lock):
+    for name in TRAINER_RUNTIME:
+        assert name in gpu_lock, name
+    # flash-attn has no wheel for this torch on PyPI; the 7B profile uses SDPA instead
+    assert "flash-attn" not in gpu_lock
+    assert "deepspeed" not in gpu_lock and "rouge-score" not in gpu_lock
+
+
+def test_source_only_pins_sit_beside_the_lock_with_their_dependencies(gpu_lock):
+    sdist = read_lock(REQ / "gpu-sdist.lock")
+    assert set(sdist) == {"deepspeed", "rouge-score"}
+    for dep in (*DEEPSPEED_DEPS, *ROUGE_SCORE_DEPS):
+        assert dep in gpu_lock, f"{dep} (needed by gpu-sdist.lock) is not in gpu.lock"
