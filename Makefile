@@ -45,9 +45,10 @@ test-trainer: setup-trainer
 test-orchestrator: setup-orchestrator
 	$(AVENV)/bin/python -m pytest -q -p no:cacheprovider -c tests/orchestrator/pytest.ini tests/orchestrator
 
-lint: setup-trainer ## ruff lint and format check
+lint: setup-trainer ## ruff lint and format check, hadolint on docker/*.Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint docker/*.Dockerfile
 
 format: setup-trainer ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -153,3 +153,27 @@ def test_source_only_pins_sit_beside_the_lock_with_their_dependencies(gpu_lock):
     assert set(sdist) == {"deepspeed", "rouge-score"}
     for dep in (*DEEPSPEED_DEPS, *ROUGE_SCORE_DEPS):
         assert dep in gpu_lock, f"{dep} (needed by gpu-sdist.lock) is not in gpu.lock"
+
+
+def _readme_table() -> dict[str, tuple[str, str]]:
+    rows = {}
+    text = (REQ / "README.md").read_text(encoding="utf-8")
+    section = text.split("## What differs between the CPU environment and the GPU image", 1)[1]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"[a-z][a-z0-9-]*", cells[0]) and cells[0] != "package":
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_readme_lists_what_differs_between_the_cpu_and_gpu_locks(gpu_lock):
+    """A re-lock that moves any of these packages fails here until the table (and the code
+    tested against both columns) follows."""
+    cpu = read_lock(REQ / "trainer.lock")
+    sdist = read_lock(REQ / "gpu-sdist.lock")
+    table = _readme_table()
+    assert {"torch", "transformers", "trl", "accelerate", "peft", "numpy"} <= set(table)
+    for name, (cpu_v, gpu_v) in table.items():
+        assert cpu_v == cpu.get(name, "(not installed)"), (name, cpu_v)
+        gpu_actual = gpu_lock.get(name) or f"{sdist.get(name)} (`gpu-sdist.lock`)"
+        assert gpu_v == gpu_actual, (name, gpu_v)
