@@ -182,6 +182,12 @@ def semantic_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{cw}: runs as uid 0")
             if csc.get("allowPrivilegeEscalation") is not False:
                 problems.append(f"{cw}: allowPrivilegeEscalation must be false")
+            # the namespace enforces Pod Security "restricted": the API server would refuse these
+            if "ALL" not in (csc.get("capabilities") or {}).get("drop", []):
+                problems.append(f"{cw}: must drop ALL capabilities (restricted)")
+            seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+            if seccomp not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{cw}: needs a RuntimeDefault seccomp profile (restricted)")
             flags = flag_names([*c.get("command", []), *c.get("args", [])])
             dups = sorted({f for f in flags if flags.count(f) > 1})
             if dups:
@@ -381,6 +387,8 @@ def test_semantic_checks_catch_broken_renders():
     api = pod_spec(_by_name(broken, "Deployment", "airflow-api-server"))
     api["automountServiceAccountToken"] = True
     api["securityContext"]["runAsNonRoot"] = False
+    del api["securityContext"]["seccompProfile"]
+    api["containers"][0]["securityContext"]["capabilities"] = {}
     broken = [d for d in broken if d["metadata"]["name"] not in ("default-deny", "airflow")]
     problems = "\n".join(semantic_problems(broken))
     for expected in (
@@ -392,6 +400,8 @@ def test_semantic_checks_catch_broken_renders():
         "PVC missing not rendered",
         "airflow-api-server: mounts a token of facial-r1-airflow-web",
         "container api-server: not runAsNonRoot",
+        "container api-server: must drop ALL capabilities",
+        "container wait-for-migrations: needs a RuntimeDefault seccomp profile",
         "no default-deny NetworkPolicy",
         "Service airflow-api-server: no NetworkPolicy lets traffic into airflow-api-server",
     ):
