@@ -1,11 +1,14 @@
-# MLflow tracking server + registry (PostgreSQL backend, S3-compatible artifact store).
+# MLflow tracking server + registry with the basic-auth app (PostgreSQL backend store and auth
+# database, S3-compatible artifact store). Base pinned by tag (digest: pin it when building).
 #   docker build -f docker/mlflow.Dockerfile -t ghcr.io/facial-r1/mlflow:0.1.0 .
-FROM python:3.11-slim
+FROM python:3.11.14-slim-bookworm
 ARG MLFLOW_VERSION=3.17.2
-RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" psycopg2-binary boto3 \
- && useradd --uid 1000 --create-home mlflow
+RUN pip install --no-cache-dir "mlflow[auth]==${MLFLOW_VERSION}" psycopg2-binary==2.9.13 \
+      boto3==1.44.18 \
+ && useradd --uid 1000 --user-group --create-home mlflow
 USER 1000
+WORKDIR /home/mlflow
 EXPOSE 5000
 ENV MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 ENTRYPOINT ["mlflow"]
-CMD ["server", "--host", "0.0.0.0", "--port", "5000", "--workers", "2"]
+CMD ["server", "--app-name", "basic-auth", "--host", "0.0.0.0", "--port", "5000", "--workers", "2"]

@@ -128,6 +128,27 @@ def _readable_state(path: Path) -> bool:
         return False
 
 
+def checkpointing_keyword(arguments_class: type | None = None) -> str:
+    """The TrainingArguments field that switches activation checkpointing on.
+
+    ``activation_checkpointing`` in the transformers of the CPU lock; the GPU image's transformers
+    (inside vLLM's range, requirements/README.md) only has its older name
+    ``gradient_checkpointing``. Same switch, same effect.
+    """
+    import dataclasses
+
+    if arguments_class is None:
+        import transformers
+
+        arguments_class = transformers.TrainingArguments
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+
+
 def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and GRPOConfig."""
     seed = cfg.seed if cfg.seed is not None else ctx.seed
@@ -149,7 +170,7 @@ def common_args(ctx, cfg: TrainerCommon, checkpoint_dir: Path) -> dict[str, Any]
         "use_cpu": cfg.use_cpu,
         "bf16": cfg.bf16,
         "fp16": cfg.fp16,
-        "activation_checkpointing": cfg.activation_checkpointing,
+        checkpointing_keyword(): cfg.activation_checkpointing,
         "dataloader_num_workers": cfg.dataloader_num_workers,
         "seed": seed,
         "data_seed": seed,
