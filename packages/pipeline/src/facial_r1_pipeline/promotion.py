@@ -30,11 +30,12 @@ repeats the decision, so the registry never gets duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger("facial_r1.pipeline.promotion")
@@ -150,6 +151,20 @@ def ensure_registered_model(client, name: str) -> None:
             client.get_registered_model(name)
 
 
+@contextlib.contextmanager
+def _global_tracking_uri(client) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``client``'s store for the block: the registry
+    resolves a ``models:/<model_id>`` source through the global URI, not the client's."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def register_candidate(
     client,
     name: str,
@@ -172,9 +187,10 @@ def register_candidate(
         log.info("candidate %s already registered as version %s", key, version.version)
     else:
         all_tags = {"candidate_key": key, **{k: str(v) for k, v in tags.items()}}
-        version = client.create_model_version(
-            name, source=source, run_id=run_id, tags=all_tags, model_id=model_id
-        )
+        with _global_tracking_uri(client):
+            version = client.create_model_version(
+                name, source=source, run_id=run_id, tags=all_tags, model_id=model_id
+            )
     for k, v in tags.items():  # refresh (e.g. a re-run with a new data md5 is a new key anyway)
         client.set_model_version_tag(name, version.version, k, str(v))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
