@@ -10,6 +10,8 @@ from facial_r1_pipeline import lineage, promotion
 
 
 def test_candidate_is_registered_from_its_logged_model(tmp_path):
+    import os
+
     import mlflow
 
     profile = {
@@ -23,7 +25,7 @@ def test_candidate_is_registered_from_its_logged_model(tmp_path):
     exp = lineage.experiment_id(client, profile)
     run = client.create_run(exp)
     logged = client.create_logged_model(exp, name="model", source_run_id=run.info.run_id)
-    before = mlflow.get_tracking_uri()
+    before, env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     assert before != client.tracking_uri  # the trap: the global URI points elsewhere
     version = promotion.register_candidate(
         client,
@@ -38,4 +40,5 @@ def test_candidate_is_registered_from_its_logged_model(tmp_path):
     assert client.get_model_version_download_uri("facial-r1-logged", version.version) == (
         logged.artifact_location
     )
-    assert mlflow.get_tracking_uri() == before  # restored
+    # restored exactly: later stages resolve their store from the environment
+    assert mlflow.get_tracking_uri() == before and os.environ.get("MLFLOW_TRACKING_URI") == env

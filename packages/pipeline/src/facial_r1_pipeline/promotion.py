@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -153,16 +154,20 @@ def ensure_registered_model(client, name: str) -> None:
 
 @contextlib.contextmanager
 def _global_tracking_uri(client) -> Iterator[None]:
-    """Point MLflow's global tracking URI at ``client``'s store for the block: the registry
-    resolves a ``models:/<model_id>`` source through the global URI, not the client's."""
-    import mlflow
+    """Let MLflow find ``client``'s store by default for the block: the registry resolves a
+    ``models:/<model_id>`` source with a default ``MlflowClient()``, not with ``client``.
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
+    Only ``MLFLOW_TRACKING_URI`` is set, and restored exactly afterwards; the orchestrator never
+    calls ``mlflow.set_tracking_uri`` (which would take precedence over it)."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = client.tracking_uri
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def register_candidate(
