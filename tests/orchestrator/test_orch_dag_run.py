@@ -104,6 +104,10 @@ def test_full_iteration_then_idempotent_rerun(dag, tiny_project):
     for tag in ("git_commit", "data_md5", "config_hash", "parent_run_id", "score"):
         assert champ.tags.get(tag), tag
     assert champ.tags["data_md5"] == version.md5
+    # the version is the MLflow model GRPO logged (weights in the artifact store), not a path
+    grpo_result = summary["stages"]["grpo"]
+    assert champ.source.startswith("models:/m-") and champ.run_id == grpo_result["mlflow_run_id"]
+    assert client.get_logged_model(champ.source.split("/")[-1]).source_run_id == champ.run_id
     assert champ.tags["parent_run_id"] == parent.info.run_id
     assert "promoted" in parent.data.tags["promotion.decision"]
     assert "candidate_score" in parent.data.metrics

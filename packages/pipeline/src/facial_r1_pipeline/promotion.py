@@ -76,7 +76,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger("facial_r1.pipeline.promotion")
@@ -350,6 +350,24 @@ def ensure_registered_model(client, name: str) -> None:
             client.get_registered_model(name)
 
 
+@contextlib.contextmanager
+def _global_tracking_uri(client) -> Iterator[None]:
+    """Let MLflow find ``client``'s store by default for the block: the registry resolves a
+    ``models:/<model_id>`` source with a default ``MlflowClient()``, not with ``client``.
+
+    Only ``MLFLOW_TRACKING_URI`` is set, and restored exactly afterwards; the orchestrator never
+    calls ``mlflow.set_tracking_uri`` (which would take precedence over it)."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = client.tracking_uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def register_candidate(
     client,
     name: str,
@@ -372,9 +390,10 @@ def register_candidate(
         log.info("candidate %s already registered as version %s", key, version.version)
     else:
         all_tags = {"candidate_key": key, **{k: str(v) for k, v in tags.items()}}
-        version = client.create_model_version(
-            name, source=source, run_id=run_id, tags=all_tags, model_id=model_id
-        )
+        with _global_tracking_uri(client):
+            version = client.create_model_version(
+                name, source=source, run_id=run_id, tags=all_tags, model_id=model_id
+            )
     for k, v in tags.items():  # refresh (e.g. a re-run with a new data md5 is a new key anyway)
         client.set_model_version_tag(name, version.version, k, str(v))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
