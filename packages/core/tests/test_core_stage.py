@@ -84,3 +84,15 @@ def test_configuration_errors_exit_2_and_failures_exit_1(tmp_path, capsys):
     assert stage.run_stage(args, stage="toy", config_cls=ToyConfig, body=boom) == 1
     assert "broken input" in capsys.readouterr().err
     assert not result.exists()
+
+
+def test_old_section_name_is_read_with_a_warning(tmp_path, capsys):
+    from facial_r1_core.config import load_profile
+
+    old = tmp_path / "old.yaml"
+    old.write_text("synthesis: {limit: 3, top_k: 5}\n")
+    profile = load_profile(old, ["synthesis.limit=4", "synthesize.top_k=6"])
+    assert "synthesis" not in profile and profile["synthesize"] == {"limit": 4, "top_k": 6}
+    err = capsys.readouterr().err
+    assert f"{old}: section 'synthesis' is deprecated" in err
+    assert "override 'synthesis.limit=4': section 'synthesis' is deprecated" in err

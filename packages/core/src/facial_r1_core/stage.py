@@ -84,6 +84,19 @@ def default_config_path() -> str:
     return os.environ.get("FACIAL_R1_CONFIG") or str(project_home() / DEFAULT_PROFILE)
 
 
+def config_path(given: str | os.PathLike | None) -> str:
+    """The profile to read: ``given`` as typed when that file exists, else the same relative
+    path under the project home (``--config configs/x.yaml`` works from any folder), else the
+    default profile."""
+    if not given:
+        return default_config_path()
+    path = Path(given).expanduser()
+    if path.is_absolute() or path.is_file():
+        return str(path)
+    under_home = project_home() / path
+    return str(under_home) if under_home.is_file() else str(path)
+
+
 def apply_flags(
     profile: dict[str, Any], section: str, flags: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -312,7 +325,7 @@ def load_stage_config(
     (plus the overrides): a data verb then runs outside a checkout too.
     """
     given = getattr(args, "config", None)
-    path = given or default_config_path()
+    path = config_path(given)
     overrides = list(getattr(args, "overrides", None) or ())
     schemas = {section: config_cls} if section and config_cls else None
     if given or Path(path).is_file():

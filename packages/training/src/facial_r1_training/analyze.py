@@ -170,15 +170,16 @@ def add_parser(subparsers) -> None:
 def main(args) -> int:
     from facial_r1_core.config import ConfigError, load_profile
     from facial_r1_core.prompts import DEFAULT_QUESTION
+    from facial_r1_core.stage import config_path
     from facial_r1_core.tracking import registered_model_name
 
     from .generation import create_backend
-    from .stage import default_config_path, set_torch_threads
+    from .stage import set_torch_threads
     from .synthesis import prompt_emotions
 
     try:
-        config_path = args.config or default_config_path()
-        profile = load_profile(config_path) if Path(config_path).is_file() else {}
+        path = config_path(args.config)
+        profile = load_profile(path) if args.config or Path(path).is_file() else {}
     except ConfigError as exc:
         print(f"facial-r1 analyze: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from facial_r1_core.schema import atomic_write, iter_records_lenient, write_jsonl
+from facial_r1_core.tracking import project_home
 
 STEPS = ("model", "demo_faces", "seed", "sft1", "grpo", "synthesis", "filter", "sft2", "evaluate")
 GATES = {"format_rate": 0.9, "emotion_accuracy": 0.6, "au_f1_micro": 0.6}
@@ -89,6 +90,7 @@ class Runner:
             ("TOKENIZERS_PARALLELISM", "false"),
         ):
             env.setdefault(key, value)
+        env.setdefault("FACIAL_R1_HOME", str(project_home()))
         if result_path.exists():
             result_path.unlink()
         log_path = self.logs / f"{step}.log"
@@ -334,9 +336,13 @@ def add_parser(subparsers) -> None:
 def build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from facial_r1_core.cli import deprecated_flag
 
-    parser.add_argument("--config", default="configs/tiny-cpu.yaml", help="profile YAML")
     parser.add_argument(
-        "--output-dir", default="runs/pipeline", help="results, logs, models (a folder)"
+        "--config", default=None, help="profile YAML (default: the project's configs/tiny-cpu.yaml)"
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="results, logs, models (a folder; default: runs/pipeline of the project)",
     )
     deprecated_flag(parser, "--work-dir", dest="output_dir", new="--output-dir")
     parser.add_argument(
@@ -380,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _handler(args: argparse.Namespace) -> int:
+    from facial_r1_core.stage import default_config_path
+
+    # relative to the project, not the current folder: the same run from any folder
+    args.config = str(Path(args.config).resolve()) if args.config else default_config_path()
+    args.output_dir = args.output_dir or str(project_home() / "runs" / "pipeline")
     try:
         summary = run_pipeline(args)
     except (RuntimeError, FileNotFoundError, KeyError) as exc:
