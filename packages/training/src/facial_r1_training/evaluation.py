@@ -400,7 +400,6 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         value = getattr(args, flag, None) if args is not None else None
         if value is not None:
             setattr(cfg, name, value)
-    ctx.revalidate()  # the flags too: --limit -1 is an error, not "everything"
     if not cfg.model_path:
         raise ValueError("evaluate.model_path is not set (or pass --model)")
     if not cfg.test_file:
