@@ -154,7 +154,6 @@ def test_finished_state_is_reused_only_while_its_outputs_are_untouched(tmp_path)
     [
         (["sft", "--max-steps", "0"], "sft.max_steps: must be >= 1, got 0"),
         (["grpo", "--max-steps", "-5"], "grpo.max_steps: must be >= 1, got -5"),
-        (["evaluate", "--limit", "-1"], "evaluate.limit: must be >= 0, got -1"),
         (["synthesize", "--limit", "-3"], "synthesis.limit: must be >= 0, got -3"),
     ],
 )
