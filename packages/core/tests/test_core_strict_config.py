@@ -147,3 +147,19 @@ def test_finished_state_is_reused_only_while_its_outputs_are_untouched(tmp_path)
     (tmp_path / resume.STATE_FILE).write_text("{torn")
     with pytest.raises(resume.StageStateError, match="damaged"):
         resume.begin(tmp_path, "s", fp)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["sft", "--max-steps", "0"], "sft.max_steps: must be >= 1, got 0"),
+        (["grpo", "--max-steps", "-5"], "grpo.max_steps: must be >= 1, got -5"),
+        (["synthesize", "--limit", "-3"], "synthesis.limit: must be >= 0, got -3"),
+    ],
+)
+def test_stage_flags_are_range_checked_too(argv, needle, tmp_path, monkeypatch, capsys):
+    from facial_r1_core.cli import main
+
+    monkeypatch.setenv("FACIAL_R1_HOME", str(tmp_path))
+    assert main([*argv, "--config", str(TINY), "--no-mlflow"]) == 2
+    assert needle in capsys.readouterr().err

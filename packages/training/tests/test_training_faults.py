@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -124,6 +125,13 @@ def test_sft_killed_resumes_to_the_same_model_and_a_rerun_changes_nothing(
     base = ["sft", "--config", str(profile), "--no-mlflow"]
     assert cli_main([*base, "--output-dir", "runs/sft-ref"]) == 0
     reference = md5(root / "runs/sft-ref/model/model.safetensors")
+
+    # killed after its last checkpoint, before the model was saved: no step more (not 9 -> 10)
+    shutil.copytree(root / "runs/sft-ref/checkpoints", root / "runs/sft-late/checkpoints")
+    late = tmp_path / "late.json"
+    assert cli_main([*base, "--output-dir", "runs/sft-late", "--result", str(late)]) == 0
+    assert json.loads(late.read_text())["metrics"]["global_step"] == 9
+    assert md5(root / "runs/sft-late/model/model.safetensors") == reference
 
     cut = [*base, "--output-dir", "runs/sft-cut"]
     state = root / "runs/sft-cut/checkpoints/checkpoint-3/trainer_state.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import mlflow
 import pytest
@@ -133,6 +134,18 @@ def test_grpo_runs_logs_and_refuses_other_settings(home, env, tmp_path, capsys):
     md5 = hashlib.md5(model_file.read_bytes()).hexdigest()
     weights = ["--set", "grpo.reward_weights={au: 2.0}"]
     base = ["grpo", "--config", str(profile), *FAST, "--model", "tiny"]
+
+    # killed after the last checkpoint (the folder holds checkpoint-2, no model): resumed to
+    # the same model without a step more
+    shutil.copytree(root / "runs/grpo/checkpoints", root / "runs/grpo-late/checkpoints")
+    late = tmp_path / "late.json"
+    argv = [*base, *weights, "--output-dir", "runs/grpo-late", "--result", str(late)]
+    assert cli_main(argv) == 0
+    assert json.loads(late.read_text())["metrics"]["global_step"] == 2
+    assert (
+        md5
+        == hashlib.md5((root / "runs/grpo-late/model/model.safetensors").read_bytes()).hexdigest()
+    )
 
     # other settings over the finished run's folder: refused, naming every change
     second = tmp_path / "g2.json"

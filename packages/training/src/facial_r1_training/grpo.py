@@ -36,6 +36,7 @@ from .trainer_common import (
     plot_history,
     resolve_model,
     save_final,
+    train,
 )
 
 log = logging.getLogger("facial_r1.grpo")
@@ -149,15 +150,15 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     resume_from = last_checkpoint(ckpt_dir) if state.status == "resume" else None
     start_step = 0
     if resume_from:
-        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-        start_step = int(state.get("global_step", 0))
+        saved = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        start_step = int(saved.get("global_step", 0))
         log.info("resuming GRPO from %s (step %s)", resume_from, start_step)
     ctx.set_tags(
         {"resumed_from_step": start_step, "base_model": base, "reward_variant": cfg.reward_variant}
     )
 
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train(trainer, resume_from, callback)
     train_time = time.time() - t0
     steps = int(trainer.state.global_step)
     s_per_step = callback.seconds_per_step(steps)

@@ -34,6 +34,7 @@ from .trainer_common import (
     plot_history,
     resolve_model,
     save_final,
+    train,
 )
 
 log = logging.getLogger("facial_r1.sft")
@@ -110,7 +111,7 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     ctx.set_tags({"resumed_from_step": start_step, "base_model": base})
 
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train(trainer, resume_from, callback)
     train_time = time.time() - t0
     steps = int(trainer.state.global_step)
     s_per_step = callback.seconds_per_step(steps)

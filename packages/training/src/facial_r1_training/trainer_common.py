@@ -216,6 +216,33 @@ def exact_resume(trainer_cls):
     return ExactResume
 
 
+def train(trainer, resume_from: str | None, callback=None):
+    """``trainer.train(resume_from_checkpoint=...)``, except when that checkpoint already holds
+    the last step (a run killed between its final checkpoint and saving the model): the Trainer
+    would then train one step more (600 -> 601); here the checkpoint's weights and state are
+    loaded instead, so the final model equals the uninterrupted run's. Returns an object with
+    ``training_loss`` (the mean logged loss in that case)."""
+    from types import SimpleNamespace
+
+    if resume_from:
+        saved = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        target = int(saved.get("max_steps") or 0)
+        if target and int(saved.get("global_step", 0)) >= target:
+            from transformers import TrainerState
+
+            log.info("%s holds the last step (%s): no training left", resume_from, target)
+            trainer._load_from_checkpoint(resume_from)
+            trainer.state = TrainerState.load_from_json(
+                str(Path(resume_from) / "trainer_state.json")
+            )
+            history = [dict(h) for h in trainer.state.log_history]
+            if callback is not None:
+                callback.history = history
+            losses = [h["loss"] for h in history if "loss" in h]
+            return SimpleNamespace(training_loss=sum(losses) / len(losses) if losses else 0.0)
+    return trainer.train(resume_from_checkpoint=resume_from)
+
+
 def mlflow_callback(ctx, extra=None):
     """A TrainerCallback that sends every trainer log line to the stage's run, plus s/step."""
     from transformers import TrainerCallback
