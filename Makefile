@@ -134,6 +134,23 @@ figures: setup-trainer ## the README's figures table from the measured runs (rec
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py
 
+# --- production-shaped stack on 127.0.0.1 (services/prod-local/, docs/operations.md) ----------
+# PostgreSQL + MLflow server (basic auth) + Airflow components (LocalExecutor) in .prod-local/.
+PROD_PG_PORT ?= 15432
+PROD_MLFLOW_PORT ?= 15000
+PROD_AIRFLOW_PORT ?= 15080
+PROD_LOCAL := PROD_PG_PORT=$(PROD_PG_PORT) PROD_MLFLOW_PORT=$(PROD_MLFLOW_PORT) \
+	PROD_AIRFLOW_PORT=$(PROD_AIRFLOW_PORT) $(AVENV)/bin/python -m facial_r1_pipeline.prodlocal
+.PHONY: prod-up prod-down prod-status
+prod-up: setup ## PostgreSQL :15432, MLflow server :15000 (auth), Airflow api-server :15080 + scheduler, dag-processor, triggerer; then: source services/prod-local/env.sh
+	$(PROD_LOCAL) up
+
+prod-down: ## stop exactly what prod-up started (process groups); data stays in .prod-local/
+	$(PROD_LOCAL) down
+
+prod-status: ## which prod-local components run
+	$(PROD_LOCAL) status
+
 # --- serving: the registered champion behind MLflow's scoring server (docs/operations.md) ----
 SERVE_PORT ?= 5001
 SERVE_MODEL ?= models:/facial-r1@champion

@@ -81,11 +81,24 @@ def existing_tracking_uri(config: Mapping[str, Any] | None = None) -> str:
     return uri
 
 
-def artifact_root(config: Mapping[str, Any] | None = None) -> str:
-    """Artifact location for new experiments (a local folder for the embedded default)."""
+def artifact_root(config: Mapping[str, Any] | None = None) -> str | None:
+    """Artifact location for new experiments (a local folder for the embedded default).
+
+    Against a tracking server (``http(s)://``) a local folder is not used: ``None`` lets the
+    server choose its own (proxied) artifact store, so clients need no access to its disk.
+
+    >>> os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:5000"
+    >>> artifact_root({"mlflow": {"artifact_root": "runs/mlartifacts"}}) is None
+    True
+    >>> artifact_root({"mlflow": {"artifact_root": "s3://bucket/artifacts"}})
+    's3://bucket/artifacts'
+    >>> del os.environ["MLFLOW_TRACKING_URI"]
+    """
     root = (config or {}).get("mlflow", {}).get("artifact_root") or DEFAULT_ARTIFACT_ROOT
     if "://" in root:
         return root
+    if resolve_tracking_uri(config).startswith(("http://", "https://")):
+        return None
     path = Path(root)
     if not path.is_absolute():
         path = project_home() / path
