@@ -3,16 +3,22 @@
 pip's own resolver checks the lock (every pin, with dependencies) for Linux x86_64, CPython 3.11
 and every manylinux tag up to glibc 2.35 (Ubuntu 22.04, the base image), wheels only, from the
 real wheels' metadata only (range requests: a few MB in all, no multi-GB wheel downloads).
-Needs PyPI (reachable here and in CI). The other checks read the committed files only.
+Needs PyPI (reachable here and in CI) the first time: the metadata read is kept under
+``$FACIAL_R1_CACHE/pypi-metadata`` (default ``~/.cache/facial-r1``; PyPI files never change), so
+later runs resolve offline; every request is retried with back-off. The other checks read the
+committed files only.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -102,12 +108,43 @@ def gpu_lock() -> dict[str, str]:
     return read_lock(REQ / "gpu.lock")
 
 
+CACHE = (
+    Path(os.environ.get("FACIAL_R1_CACHE") or Path.home() / ".cache" / "facial-r1")
+    / "pypi-metadata"
+)
+
+
+def _open(req: urllib.request.Request, attempts: int = 6):
+    """urlopen with back-off: DNS and connection hiccups on a loaded machine are not failures."""
+    for attempt in range(attempts):
+        try:
+            return urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or attempt == attempts - 1:
+                raise
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            if attempt == attempts - 1:
+                raise
+        time.sleep(min(2**attempt, 20))
+    raise AssertionError("unreachable")
+
+
+def _cached_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def _wheel_for(name: str, version: str) -> dict:
     """The PyPI file pip would pick for ``name==version`` on the image's platform."""
+    cached = CACHE / f"{_norm(name)}-{version}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
     req = urllib.request.Request(
         f"{INDEX}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with _open(req) as resp:
         files = json.load(resp)["files"]
     best = None
     for f in files:
@@ -123,7 +160,9 @@ def _wheel_for(name: str, version: str) -> dict:
         if rank is not None and (best is None or rank < best[0]):
             best = (rank, f)
     assert best, f"gpu.lock: no wheel of {name}=={version} for the image's platform"
-    return best[1]
+    chosen = {"filename": best[1]["filename"], "url": best[1]["url"]}
+    _cached_write(cached, json.dumps(chosen).encode())
+    return chosen
 
 
 class _RemoteWheel(io.RawIOBase):
@@ -140,7 +179,7 @@ class _RemoteWheel(io.RawIOBase):
 
     def _fetch(self, byte_range: str) -> tuple[bytes, int]:
         req = urllib.request.Request(self.url, headers={"Range": byte_range})
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with _open(req) as resp:
             assert resp.status == 206, f"{self.url}: no range requests ({resp.status})"
             total = int(resp.headers["Content-Range"].rsplit("/", 1)[1])
             return resp.read(), total
@@ -179,9 +218,16 @@ def _stub_wheel(pin: tuple[str, str], folder: Path) -> None:
     """A wheel holding only the real wheel's metadata (read from PyPI by range requests), under
     the real file name: what pip's resolver reads, without the wheel's payload."""
     f = _wheel_for(*pin)
-    with zipfile.ZipFile(io.BufferedReader(_RemoteWheel(f["url"]), 64 * 1024)) as remote:
-        (meta,) = [n for n in remote.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
-        metadata = remote.read(meta)
+    cached = CACHE / f"{f['filename']}.METADATA"
+    if cached.is_file():
+        meta, _, metadata = cached.read_bytes().partition(b"\n")
+        meta = meta.decode()
+    else:
+        with zipfile.ZipFile(io.BufferedReader(_RemoteWheel(f["url"]), 64 * 1024)) as remote:
+            names = remote.namelist()
+            (meta,) = [n for n in names if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+            metadata = remote.read(meta)
+        _cached_write(cached, meta.encode() + b"\n" + metadata)
     info = meta.split("/")[0]
     wheel = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: py3-none-any\n"
     with zipfile.ZipFile(folder / f["filename"], "w") as zf:
@@ -203,7 +249,7 @@ def pip_report(tmp_path_factory, gpu_lock) -> dict:
     tmp = tmp_path_factory.mktemp("gpu-lock")
     stubs = tmp / "wheels"
     stubs.mkdir()
-    with ThreadPoolExecutor(max_workers=32) as pool:
+    with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda pin: _stub_wheel(pin, stubs), gpu_lock.items()))
     report = tmp / "report.json"
     cmd = [

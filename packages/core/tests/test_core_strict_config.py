@@ -43,7 +43,7 @@ def test_shipped_profiles_pass_and_every_section_has_its_schema(name):
         ("sft.max_steps=0", "sft.max_steps: must be >= 1, got 0"),
         ("sft.max_steps=-5", "sft.max_steps: must be >= 1, got -5"),
         ("grpo.max_steps=0", "grpo.max_steps: must be >= 1, got 0"),
-        ("synthesis.batch_size=0", "synthesis.batch_size: must be >= 1, got 0"),
+        ("synthesis.batch_size=0", "synthesize.batch_size: must be >= 1, got 0"),
         ("evaluate.batch_size=0", "evaluate.batch_size: must be >= 1, got 0"),
         ("evaluate.limit=-1", "evaluate.limit: must be >= 0, got -1"),
         ("run.seed=abc", "--set run.seed=abc: run.seed: expected an integer, got 'abc'"),
@@ -64,12 +64,12 @@ def test_unknown_section_in_a_profile_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text() + "\nsynthesys:\n  limit: 3\n")
     with pytest.raises(
-        ConfigError, match=r"bad\.yaml: unknown section 'synthesys' \(did you mean 'synthesis'\?\)"
+        ConfigError, match=r"bad\.yaml: unknown section 'synthesys' \(did you mean 'synthesize'\?\)"
     ):
         load_profile(bad)
     typo = tmp_path / "typo.yaml"
     typo.write_text(TINY.read_text().replace("  max_retries: 3", "  max_retry: 3"))
-    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key synthesis\.max_retry"):
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key synthesize\.max_retry"):
         load_profile(typo)
 
 
@@ -154,7 +154,7 @@ def test_finished_state_is_reused_only_while_its_outputs_are_untouched(tmp_path)
     [
         (["sft", "--max-steps", "0"], "sft.max_steps: must be >= 1, got 0"),
         (["grpo", "--max-steps", "-5"], "grpo.max_steps: must be >= 1, got -5"),
-        (["synthesize", "--limit", "-3"], "synthesis.limit: must be >= 0, got -3"),
+        (["synthesize", "--limit", "-3"], "synthesize.limit: must be >= 0, got -3"),
     ],
 )
 def test_stage_flags_are_range_checked_too(argv, needle, tmp_path, monkeypatch, capsys):

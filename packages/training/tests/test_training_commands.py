@@ -38,7 +38,7 @@ EXPECTED = {
         "seed-sft",
     },
     "pipeline": {"prepare-data", "version-data", "demo-data", "render-k8s", "summary", "demo"},
-    "model": {"build-tiny", "merge-lora"},
+    "model": {"build-tiny", "log", "merge-lora"},
 }
 
 

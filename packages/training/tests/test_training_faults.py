@@ -44,7 +44,7 @@ def home(tmp_path_factory):
                 "learning_rate": 3e-3,
                 "max_length": 512,
             },
-            "synthesis": {
+            "synthesize": {
                 "input_file": "data/Toy_train.jsonl",
                 "model_path": "tiny",
                 "batch_size": 2,
@@ -77,18 +77,18 @@ def synth_args(profile, root: Path, name: str, *extra: str) -> list[str]:
         str(profile),
         "--no-mlflow",
         "--set",
-        f"synthesis.work_dir=runs/{name}",
+        f"synthesize.work_dir=runs/{name}",
         "--set",
-        f"synthesis.output_file={root}/out/{name}_acc.jsonl",
+        f"synthesize.output_file={root}/out/{name}_acc.jsonl",
         "--set",
-        f"synthesis.rejected_file={root}/out/{name}_rej.jsonl",
+        f"synthesize.rejected_file={root}/out/{name}_rej.jsonl",
         *extra,
     ]
 
 
 def test_synthesize_killed_twice_resumes_to_the_uninterrupted_result(home, env, tmp_path):
     root, profile = home
-    assert cli_main([*synth_args(profile, root, "ref"), "--set", "synthesis.round_size=8"]) == 0
+    assert cli_main([*synth_args(profile, root, "ref"), "--set", "synthesize.round_size=8"]) == 0
     journal = root / "runs/cut/journal.jsonl"
     cut = synth_args(profile, root, "cut")
     for lines in (3, 14):  # header + 2 samples, then header + 13
@@ -100,7 +100,7 @@ def test_synthesize_killed_twice_resumes_to_the_uninterrupted_result(home, env, 
     assert 13 <= done_before < 24
     result = tmp_path / "r.json"
     # resumed with other batch and round sizes: they do not change any sample
-    argv = [*cut, "--set", "synthesis.batch_size=5", "--result", str(result)]
+    argv = [*cut, "--set", "synthesize.batch_size=5", "--result", str(result)]
     assert cli_main(argv) == 0
     m = json.loads(result.read_text())["metrics"]
     assert m["resumed"] == done_before and m["read"] == 24
@@ -162,7 +162,7 @@ def test_sft_killed_resumes_to_the_same_model_and_a_rerun_changes_nothing(
     data = root / "data/Toy_train.jsonl"
     original = data.read_bytes()
     try:
-        data.write_bytes(original + original.splitlines(keepends=True)[0])
+        data.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))
         assert cli_main(cut) == 2
         assert "input train_file[0]: content changed" in capsys.readouterr().err
     finally:
