@@ -62,11 +62,11 @@ lock: ## re-resolve both environments from requirements/*.in into requirements/*
 	/tmp/fr1-lock-o/bin/pip install -q -r requirements/orchestrator.in $(PIP_QUIET)
 	/tmp/fr1-lock-o/bin/pip freeze --exclude-editable | sort -f > requirements/orchestrator.lock
 
-# --- local pipeline (owner: synthesis+evaluation helper) ---
+# --- one iteration without Airflow: the DAG's tasks (facial_r1_pipeline.iteration) in order ---
 .PHONY: pipeline
 PIPELINE_ARGS ?=
-pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airflow; last line = final metrics JSON
-	$(VENV)/bin/python -m facial_r1_training.pipeline_local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
+pipeline: setup-trainer ## one iteration (the DAG's tasks) without Airflow, tiny profile; again = next iteration; last line = final metrics JSON
+	$(VENV)/bin/facial-r1 pipeline run --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
 # --- orchestration (owner: pipeline; docs/operations.md) -----------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
