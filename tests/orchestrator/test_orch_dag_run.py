@@ -120,6 +120,7 @@ def test_full_iteration_then_idempotent_rerun(dag, tiny_project):
     for tag in ("git_commit", "data_md5", "config_hash", "parent_run_id", "score"):
         assert champ.tags.get(tag), tag
     assert champ.tags["data_md5"] == version.md5
+    assert float(champ.tags["eval_sft.emotion_accuracy"]) == effect["sft"]["emotion_accuracy"]
     assert champ.tags["parent_run_id"] == parent.info.run_id
     assert "promoted" in parent.data.tags["promotion.decision"]
     assert "candidate_score" in parent.data.metrics

@@ -100,10 +100,12 @@ def test_task_grpo_is_optional(ctx):
             "outputs": {"model": "runs/x/grpo/model"},
             "metrics": {"reward": 1.0},
             "mlflow_run_id": "g",
+            "runner_wall_time_s": 9.0,
         }
     }
     passed = iteration.run_task("task_grpo", ctx, up)  # no task_grpo_file: nothing runs
     assert passed["skipped"] and passed["outputs"]["model"] == "runs/x/grpo/model"
+    assert passed["runner_wall_time_s"] == 0.0  # the GRPO task's time is not counted twice
     spec = iteration.spec_for({**ctx, "task_grpo_file": "data/RAF_train.jsonl"}, "task_grpo", up)
     sets = _sets(spec)
     assert spec.command == ("grpo",)

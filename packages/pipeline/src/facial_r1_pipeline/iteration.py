@@ -563,7 +563,14 @@ def run_task(
     if name == "task_grpo" and not ctx.get("task_grpo_file"):
         log.info("task_grpo: no task_grpo_file param: the GRPO model goes on unchanged")
         grpo = upstream["grpo"]
-        return {**_slim(grpo), "skipped": True, "cached": False, "wall_time_s": 0.0}
+        # the GRPO model and run go on; no time of its own (the GRPO task already counted it)
+        return {
+            **_slim(grpo),
+            "skipped": True,
+            "cached": False,
+            "wall_time_s": 0.0,
+            "runner_wall_time_s": 0.0,
+        }
     return run_stage(ctx, name, upstream, context)
 
 
@@ -651,6 +658,12 @@ def promote(ctx: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -
         "grpo_run_id": policy.get("mlflow_run_id") or "",
         "evaluate_run_id": evaluation.get("mlflow_run_id") or "",
         **{f"eval.{k}": v for k, v in metrics.items() if k in EFFECT_METRICS},
+        # the same split scored with the SFT model this candidate started from
+        **{
+            f"eval_sft.{k}": v
+            for k, v in ((upstream.get("evaluate_sft") or {}).get("metrics") or {}).items()
+            if k in EFFECT_METRICS
+        },
     }
     version = promotion.register_candidate(
         client,
