@@ -200,7 +200,9 @@ def _metrics_text(stage: str, metrics: Mapping[str, Any], limit: int = 4) -> str
     return ", ".join(f"{k}={_fmt(metrics[k])}" for k in shown)
 
 
-def format_summary(summary: Mapping[str, Any], wall_time_s: float | None = None) -> str:
+def format_summary(
+    summary: Mapping[str, Any], wall_time_s: float | None = None, wall_label: str = "DAG wall"
+) -> str:
     """The table ``make demo`` prints."""
     lines = []
     it = summary.get("iteration")
@@ -230,7 +232,7 @@ def format_summary(summary: Mapping[str, Any], wall_time_s: float | None = None)
     lines.append(f"{'stages total':<13} {total:>8.1f}")
     if wall_time_s is not None:
         lines.append(
-            f"{'DAG wall':<13} {wall_time_s:>8.1f}  (overhead "
+            f"{wall_label:<13} {wall_time_s:>8.1f}  (overhead "
             f"{max(0.0, wall_time_s - total) / wall_time_s:.1%} of the wall time)"
         )
     synth = (summary.get("stages") or {}).get("synthesize", {}).get("metrics") or {}
