@@ -75,11 +75,11 @@ lock-gpu: setup-trainer ## re-resolve requirements/gpu.in into requirements/gpu.
 	    --only-binary :all: --no-header --no-annotate --quiet requirements/gpu.in; } > requirements/gpu.lock.tmp
 	mv requirements/gpu.lock.tmp requirements/gpu.lock
 
-# --- local pipeline ----------------------------------------------------------------------------
+# --- one iteration without Airflow: the DAG's tasks (facial_r1_pipeline.iteration) in order ---
 .PHONY: pipeline
 PIPELINE_ARGS ?=
-pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airflow; last line = final metrics JSON
-	$(VENV)/bin/facial-r1 pipeline-local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
+pipeline: setup-trainer ## one iteration (the DAG's tasks) without Airflow, tiny profile; again = next iteration; last line = final metrics JSON
+	$(VENV)/bin/facial-r1 pipeline run --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
 # --- orchestration (docs/operations.md) ---------------------------------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as

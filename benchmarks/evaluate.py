@@ -1,6 +1,6 @@
 """Benchmark: evaluation throughput (images per second) of batched greedy generation.
 
-    python benchmarks/evaluate.py --model runs/pipeline/sft2/model \
+    python benchmarks/evaluate.py --model runs/pipeline/grpo/model \
         --input data/DemoFaces_test.jsonl --batch-sizes 1 8 32 64
 
 For each batch size: generation + parsing + metrics over the test set, images per second, and
@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/pipeline/sft2/model")
+    parser.add_argument("--model", default="runs/pipeline/grpo/model")
     parser.add_argument("--input", dest="test_file", default="data/DemoFaces_test.jsonl")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--limit", type=int, default=0, help="at most N test records")

@@ -1,8 +1,18 @@
-"""One Facial-R1 iteration: prepare_data -> sft -> grpo -> synthesize -> filter -> version_data
--> evaluate -> promote (then, when ``iterations`` > 1, the next iteration is triggered).
+"""One Facial-R1 iteration (the paper's Figure 2), then, when ``iterations`` > 1, the next one:
 
-Thin on purpose: the logic lives in ``facial_r1_pipeline.iteration`` and is imported inside the
-tasks, so parsing this file imports nothing heavy (no mlflow, no dvc, no kubernetes client).
+    prepare_data -> sft -> grpo -> task_grpo -> synthesize -> filter -> version_data -> evaluate
+                     +-> evaluate_sft                                                 -> promote
+
+Stage 1: SFT on seed + everything accepted so far (evaluated on the held-out split, so its own
+effect shows). Stage 2: GRPO on the labelled set, then (Appendix E, step 3, only when the
+``task_grpo_file`` param names a dataset) GRPO on one task. Stage 3: the policy model synthesizes
+reasoning for the next unused slice of the labelled pool (and the previous rejections), the
+filter keeps what passes, DVC versions the grown set; the policy model is evaluated and promoted
+if it beats the champion.
+
+Thin on purpose: every task calls ``facial_r1_pipeline.iteration`` (imported inside the task, so
+parsing this file imports nothing heavy); ``make pipeline`` runs the same functions without
+Airflow (``iteration.FLOW``, ``iteration.run_local``).
 
 Trigger it with ``airflow dags trigger facial_r1_iteration`` (defaults: the tiny CPU profile, the
 local runner, the next iteration) or with a conf, e.g.
@@ -101,6 +111,12 @@ params = {
     "bootstrap": Param(
         True, type="boolean", description="build the demo dataset/base model when missing"
     ),
+    "task_grpo_file": Param(
+        "",
+        type="string",
+        description="Appendix E step 3: GRPO on this one dataset (unified JSONL under data/) "
+        "after the general GRPO; empty = skipped",
+    ),
 }
 
 
@@ -125,48 +141,16 @@ def facial_r1_iteration():
             dict(params), repo=iteration.repo_root(REPO), dag_run_id=run_id or "", context=context
         )
 
-    @task(execution_timeout=STAGE_TIMEOUT)
-    def sft(ctx, **context):
-        from facial_r1_pipeline import iteration
+    def step(task_id, **kwargs):
+        """A task running ``task_id`` of the iteration with the results of the tasks it reads."""
 
-        return iteration.run_stage(ctx, "sft", {}, context)
+        @task(task_id=task_id, **{"execution_timeout": STAGE_TIMEOUT, **kwargs})
+        def run(ctx, reads, **context):
+            from facial_r1_pipeline import iteration
 
-    @task(execution_timeout=STAGE_TIMEOUT)
-    def grpo(ctx, sft_result, **context):
-        from facial_r1_pipeline import iteration
+            return iteration.run_task(task_id, ctx, reads, context)
 
-        return iteration.run_stage(ctx, "grpo", {"sft": sft_result}, context)
-
-    @task(execution_timeout=STAGE_TIMEOUT)
-    def synthesize(ctx, grpo_result, **context):
-        from facial_r1_pipeline import iteration
-
-        return iteration.run_stage(ctx, "synthesize", {"grpo": grpo_result}, context)
-
-    @task(task_id="filter", execution_timeout=STAGE_TIMEOUT)
-    def filter_samples(ctx, synth_result, **context):
-        from facial_r1_pipeline import iteration
-
-        return iteration.run_stage(ctx, "filter", {"synthesize": synth_result}, context)
-
-    @task
-    def version_data(ctx, filter_result, **context):
-        from facial_r1_pipeline import iteration
-
-        return iteration.version_data(ctx, filter_result, context)
-
-    @task(execution_timeout=STAGE_TIMEOUT)
-    def evaluate(ctx, grpo_result, data, **context):
-        from facial_r1_pipeline import iteration
-
-        return iteration.run_stage(ctx, "evaluate", {"grpo": grpo_result}, context)
-
-    @task(retries=1)
-    def promote(ctx, grpo_result, eval_result, data, sft_result, synth_result, filter_result):
-        from facial_r1_pipeline import iteration
-
-        upstream = {"sft": sft_result, "synthesize": synth_result, "filter": filter_result}
-        return iteration.promote(ctx, grpo_result, eval_result, data, upstream)
+        return run
 
     @task(retries=0)
     def trigger_next_iteration(ctx, summary, params=None, **context):
@@ -176,13 +160,31 @@ def facial_r1_iteration():
         iteration.trigger_next(ctx, dict(params), context)
 
     ctx = prepare_data()
-    s = sft(ctx)
-    g = grpo(ctx, s)
-    syn = synthesize(ctx, g)
-    f = filter_samples(ctx, syn)
-    data = version_data(ctx, f)
-    e = evaluate(ctx, g, data)
-    summary = promote(ctx, g, e, data, s, syn, f)
+    # Stage 1: cold-start SFT on seed + accepted samples; its own held-out score
+    sft = step("sft")(ctx, {})
+    evaluate_sft = step("evaluate_sft")(ctx, {"sft": sft})
+    # Stage 2: GRPO on the labelled set; optional task-specific GRPO (Appendix E, step 3)
+    grpo = step("grpo")(ctx, {"sft": sft})
+    policy = step("task_grpo")(ctx, {"grpo": grpo})
+    # Stage 3: synthesis on the next pool slice -> filter -> versioned training data
+    synth = step("synthesize")(ctx, {"task_grpo": policy})
+    kept = step("filter")(ctx, {"synthesize": synth})
+    data = step("version_data", execution_timeout=None)(ctx, {"filter": kept})
+    # the candidate: the policy model on the held-out split; champion only if better
+    evaluation = step("evaluate")(ctx, {"task_grpo": policy, "version_data": data})
+    summary = step("promote", retries=1, execution_timeout=None)(
+        ctx,
+        {
+            "sft": sft,
+            "evaluate_sft": evaluate_sft,
+            "grpo": grpo,
+            "task_grpo": policy,
+            "synthesize": synth,
+            "filter": kept,
+            "version_data": data,
+            "evaluate": evaluation,
+        },
+    )
     trigger_next_iteration(ctx, summary)
 
 

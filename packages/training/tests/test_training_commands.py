@@ -25,7 +25,6 @@ EXPECTED = {
         "filter",
         "evaluate",
         "analyze",
-        "pipeline-local",
     },
     "data": {
         "convert",
@@ -37,7 +36,15 @@ EXPECTED = {
         "demo-faces",
         "seed-sft",
     },
-    "pipeline": {"prepare-data", "version-data", "demo-data", "render-k8s", "summary", "demo"},
+    "pipeline": {
+        "prepare-data",
+        "version-data",
+        "demo-data",
+        "render-k8s",
+        "run",
+        "summary",
+        "demo",
+    },
     "model": {"build-tiny", "log", "merge-lora"},
 }
 

@@ -166,18 +166,3 @@ def test_filter_cli_writes_result(tmp_path, monkeypatch):
     data = json.loads(result.read_text())
     assert data["stage"] == "filter" and data["metrics"]["gate_accepted"] == 6
     assert Path(data["outputs"]["review_html"]).is_file()
-
-
-def test_pipeline_pool_is_train_minus_seed(tmp_path):
-    from facial_r1_training.pipeline_local import STEPS, write_pool
-
-    train = write_toy_dataset(tmp_path, 10, dataset="Toy", split="train")
-    records = list(read_records(train))
-    seed = tmp_path / "Toy_seed.jsonl"
-    write_jsonl(seed, records[:4])
-    pool, n = write_pool(train, seed)
-    assert pool.name == "Toy_pool.jsonl" and n == 6
-    rows = list(read_records(pool))
-    assert [r.id for r in rows] == [r.id for r in records[4:]]
-    assert all(r.description == "" for r in rows)
-    assert STEPS[0] == "model" and STEPS[-1] == "evaluate" and "synthesis" in STEPS

@@ -242,6 +242,15 @@ class MlflowSection:
     registered_model: str = ""
 
 
+@dataclasses.dataclass
+class IterationSection:
+    """The ``iteration`` section (read by ``facial_r1_pipeline.iteration``): how the labelled pool
+    is consumed, iteration by iteration (configs/README.md#iteration)."""
+
+    slice_size: int = checked(256, ge=0)
+    retry_rejected: bool = True
+
+
 #: Every profile section and the dataclass that is its schema ("module:Class"). A schema whose
 #: package is not installed (the orchestrator environment has no training package) is skipped:
 #: the section name is still checked, its keys are checked where the stage runs.
@@ -259,6 +268,7 @@ PROFILE_SCHEMAS: dict[str, str | None] = {
     "filter": "facial_r1_training.filtering:FilterConfig",
     "evaluate": "facial_r1_training.evaluation:EvaluateConfig",
     "serving": "facial_r1_training.configs:ServingSection",
+    "iteration": "facial_r1_core.config:IterationSection",
     "resources": None,
 }
 

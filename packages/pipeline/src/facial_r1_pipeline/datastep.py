@@ -25,7 +25,8 @@ The demo data and the tiny model are deterministic, so both builds are cached by
 (:mod:`facial_r1_pipeline.demodata`): a second bootstrap with the same profile and code copies
 them in seconds.
 
-5. every input file is validated (schema per line, image present); errors name file and line.
+5. every input file is validated (schema per line, image present); errors name file and line;
+6. with ``--slice-out``: the iteration's synthesis input is written (:func:`select_slice`).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def prepare(
     bootstrap: bool,
     work: Path,
     restore_md5: str = "",
+    pool_slice: Mapping[str, Any] | None = None,
 ) -> tuple[dict, dict]:
     from . import dvc
     from .iteration import input_files
@@ -230,17 +232,34 @@ def prepare(
         state = "bootstrapped"
     model_state = model_job.result()
     metrics: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
     for name, path in {**files, **{f"check{i}": c for i, c in enumerate(checks)}}.items():
         counts = validate_file(repo, path)
         metrics[f"records_{name}"] = counts["records"]
+    if pool_slice and pool_slice.get("out"):
+        metrics.update(
+            select_slice(
+                repo,
+                files["pool_file"],
+                pool_slice["out"],
+                iteration=int(pool_slice["iteration"]),
+                slice_size=int(pool_slice.get("size") or 0),
+                exclude=[files["seed_file"]],
+                trained=list(checks),
+                retry=list(pool_slice.get("retry") or []),
+            )
+        )
+        outputs["slice_file"] = pool_slice["out"]
     version = dvc.read_version(repo)
-    outputs = {
-        "data_md5": version.md5 if version else "",
-        "data_state": state,
-        "model_state": model_state,
-        "remote": remote,
-        **files,
-    }
+    outputs.update(
+        {
+            "data_md5": version.md5 if version else "",
+            "data_state": state,
+            "model_state": model_state,
+            "remote": remote,
+            **files,
+        }
+    )
     metrics["data_files"] = version.nfiles if version else 0
     metrics["wall_time_s"] = round(time.time() - started, 3)
     return outputs, metrics
@@ -258,6 +277,122 @@ def _pull_help(repo: Path, remote: str, md5: str) -> str:
         f"point ${dvc.REMOTE_ENV} at a folder that holds it (or `dvc remote modify --local "
         f"{remote} url PATH`) and run `dvc pull`."
     )
+
+
+def _ids(repo: Path, files: Sequence[str]) -> set[str]:
+    from facial_r1_core.schema import read_records
+
+    return {r.id for f in files if f and (repo / f).is_file() for r in read_records(repo / f)}
+
+
+def pool_slice(iteration: int, slice_size: int, candidates: int) -> tuple[int, int]:
+    """``[start, end)`` of iteration ``i``'s slice of the pool's candidates.
+
+    ``slice_size`` n > 0: ``[(i-1)*n, i*n)``, cut at the end of the pool; n = 0: iteration 1
+    takes the whole pool and later iterations take nothing new (they only retry rejections).
+
+    >>> pool_slice(1, 256, 1000), pool_slice(2, 256, 1000), pool_slice(4, 256, 1000)
+    ((0, 256), (256, 512), (768, 1000))
+    >>> pool_slice(5, 256, 1000), pool_slice(1, 0, 1000), pool_slice(2, 0, 1000)
+    ((1000, 1000), (0, 1000), (1000, 1000))
+    """
+    if iteration < 1 or slice_size < 0:
+        raise DataStepError(
+            f"pool slice: iteration must be >= 1 and slice size >= 0, got {iteration}, {slice_size}"
+        )
+    if slice_size == 0:
+        return (0, candidates) if iteration == 1 else (candidates, candidates)
+    start = min(candidates, (iteration - 1) * slice_size)
+    return start, min(candidates, start + slice_size)
+
+
+def select_slice(
+    repo: Path,
+    pool: str,
+    out: str,
+    *,
+    iteration: int,
+    slice_size: int,
+    exclude: Sequence[str] = (),
+    trained: Sequence[str] = (),
+    retry: Sequence[str] = (),
+) -> dict[str, int]:
+    """Write the synthesis input of one iteration to ``out`` (beside the pool: same image root).
+
+    The pool's candidates are its records, in file order, without those whose id is in an
+    ``exclude`` file (the seed set); iteration ``i`` takes the candidates of :func:`pool_slice`,
+    so successive iterations read disjoint slices as long as the pool and the seed set stay the
+    same. Then the records of the ``retry`` files (rejected
+    files of earlier synthesis runs) that the model tried and failed get another try; rejections
+    of bad input (no model attempt) are counted, not retried. Records already in a ``trained``
+    file (the current training set) are left out of both, and counted. Descriptions are cleared:
+    synthesis writes them. Returns the counts (they reconcile: see ``slice_*`` keys).
+
+    An empty slice (pool used up) is allowed; a warning says so.
+    """
+    from facial_r1_core.schema import (
+        Record,
+        RecordError,
+        iter_jsonl_lines,
+        read_records,
+        write_jsonl,
+    )
+
+    seed_ids = _ids(repo, exclude)
+    trained_ids = _ids(repo, trained)
+    records = list(read_records(repo / pool))
+    candidates = [r for r in records if r.id not in seed_ids]
+    start, end = pool_slice(iteration, slice_size, len(candidates))
+    chosen = candidates[start:end]
+    fresh = [r for r in chosen if r.id not in trained_ids]
+    taken = {r.id for r in fresh}
+    retried: list[Record] = []
+    not_retried = 0
+    for name in retry:
+        if not name or not (repo / name).is_file():
+            continue
+        for number, text in iter_jsonl_lines(repo / name):
+            try:
+                row = json.loads(text)
+                data = row.get("record")
+                rec = Record.from_dict(data, path=name, line=number) if data else None
+            except (json.JSONDecodeError, KeyError, TypeError, RecordError) as exc:
+                raise DataStepError(f"{name}:{number}: unreadable rejected row: {exc}") from None
+            if rec is None or not int(row.get("attempts") or 0):
+                not_retried += 1  # bad input: another model would fail the same way
+            elif rec.id in trained_ids or rec.id in taken:
+                not_retried += 1
+            else:
+                taken.add(rec.id)
+                retried.append(rec)
+    rows = [*fresh, *retried]
+    for rec in rows:
+        rec.description = ""
+    write_jsonl(repo / out, rows)
+    counts = {
+        "pool_records": len(records),
+        "pool_candidates": len(candidates),
+        "slice_start": start,
+        "slice_new": len(fresh),
+        "slice_already_trained": len(chosen) - len(fresh),
+        "slice_retry": len(retried),
+        "slice_not_retried": not_retried,
+        "slice_records": len(rows),
+        "pool_left": max(0, len(candidates) - end),
+    }
+    if not chosen:
+        print(
+            f"warning: no new pool records for iteration {iteration} ({pool}: {len(candidates)} "
+            f"candidates, slice size {slice_size}): it synthesizes only {len(retried)} earlier "
+            "rejection(s); grow the pool (demo_faces.pool) for more",
+            flush=True,
+        )
+    print(
+        f"synthesis input {out}: {len(fresh)} new pool records (candidates [{start}, {end}) of "
+        f"{len(candidates)}) + {len(retried)} earlier rejections",
+        flush=True,
+    )
+    return counts
 
 
 def restore_version(repo: Path, md5: str, missing: Sequence[str]) -> str:
@@ -335,6 +470,30 @@ def add_parsers(verbs) -> None:
         default="",
         metavar="MD5",
         help="data version to check out when a --check file is missing (previous iteration)",
+    )
+    prep.add_argument(
+        "--slice-out",
+        default="",
+        metavar="JSONL",
+        help="write the iteration's synthesis input here: a slice of the pool (the profile's "
+        "synthesize.input_file) without the seed set's ids, plus --slice-retry records",
+    )
+    prep.add_argument(
+        "--slice-iteration", type=int, default=1, metavar="I", help="iteration (picks the slice)"
+    )
+    prep.add_argument(
+        "--slice-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pool records per iteration (iteration.slice_size; 0 = the whole pool in iteration 1)",
+    )
+    prep.add_argument(
+        "--slice-retry",
+        action="append",
+        default=[],
+        metavar="JSONL",
+        help="rejected file of an earlier synthesis run: its model-rejected records are retried",
     )
     prep.add_argument(
         "--bootstrap",
@@ -425,6 +584,12 @@ def _run_prepare(args) -> int:
             args.bootstrap,
             work,
             restore_md5=args.restore_md5,
+            pool_slice={
+                "out": args.slice_out,
+                "iteration": args.slice_iteration,
+                "size": args.slice_size,
+                "retry": args.slice_retry,
+            },
         )
     except Exception as exc:
         print(f"facial-r1 pipeline prepare-data: failed: {exc}", file=sys.stderr)

@@ -27,9 +27,11 @@ AIRFLOW_HOME_DIR = "airflow-home"
 
 #: Metrics shown per stage in the table (first ones found).
 KEY_METRICS = {
-    "prepare_data": ("records_seed_file", "records_pool_file", "records_test_file", "data_files"),
+    "prepare_data": ("slice_new", "slice_retry", "pool_left", "records_check0", "data_files"),
     "sft": ("train_loss", "loss", "train_records", "steps", "global_step"),
+    "evaluate_sft": ("emotion_accuracy", "au_f1_micro", "format_rate"),
     "grpo": ("reward", "train_reward", "reward_mean", "kl", "steps", "global_step"),
+    "task_grpo": ("reward", "train_reward", "reward_mean", "kl", "steps", "global_step"),
     "synthesize": ("read", "accepted", "rejected", "acceptance_rate", "accept_rate"),
     "filter": ("grown", "train", "accepted", "train_records", "kept", "rejected"),
     "version_data": ("data_files", "data_bytes"),
@@ -199,7 +201,9 @@ def _metrics_text(stage: str, metrics: Mapping[str, Any], limit: int = 4) -> str
     return ", ".join(f"{k}={_fmt(metrics[k])}" for k in shown)
 
 
-def format_summary(summary: Mapping[str, Any], wall_time_s: float | None = None) -> str:
+def format_summary(
+    summary: Mapping[str, Any], wall_time_s: float | None = None, wall_label: str = "DAG wall"
+) -> str:
     """The table ``make demo`` prints."""
     lines = []
     it = summary.get("iteration")
@@ -217,6 +221,9 @@ def format_summary(summary: Mapping[str, Any], wall_time_s: float | None = None)
         proc = info.get("runner_wall_time_s")
         total += float(wall or 0.0)
         cached = " (reused)" if info.get("cached") else ""
+        if info.get("skipped"):
+            lines.append(f"{stage:<13} {'-':>8} {'-':>10}  skipped (no task_grpo_file)")
+            continue
         lines.append(
             f"{stage:<13} {_fmt(wall) if wall is not None else '-':>8} "
             f"{_fmt(proc) if proc is not None else '-':>10}  "
@@ -226,13 +233,21 @@ def format_summary(summary: Mapping[str, Any], wall_time_s: float | None = None)
     lines.append(f"{'stages total':<13} {total:>8.1f}")
     if wall_time_s is not None:
         lines.append(
-            f"{'DAG wall':<13} {wall_time_s:>8.1f}  (overhead "
+            f"{wall_label:<13} {wall_time_s:>8.1f}  (overhead "
             f"{max(0.0, wall_time_s - total) / wall_time_s:.1%} of the wall time)"
         )
     synth = (summary.get("stages") or {}).get("synthesize", {}).get("metrics") or {}
     filt = (summary.get("stages") or {}).get("filter", {}).get("metrics") or {}
+    prep = (summary.get("stages") or {}).get("prepare_data", {}).get("metrics") or {}
     accepted = synth.get("accepted")
+    lines.extend(["", *format_effect(summary.get("effect") or {})])
     lines.append("")
+    if "slice_new" in prep:
+        lines.append(
+            f"synthesis input  : {_fmt(prep['slice_new'])} new pool faces (from candidate "
+            f"{_fmt(prep.get('slice_start'))}; {_fmt(prep.get('pool_left'))} left) + "
+            f"{_fmt(prep.get('slice_retry'))} earlier rejections: {summary.get('slice_file')}"
+        )
     lines.append(
         f"samples accepted : {_fmt(accepted) if accepted is not None else '?'} of "
         f"{_fmt(synth.get('read', '?'))} synthesized; grown training set "
@@ -257,6 +272,42 @@ def format_summary(summary: Mapping[str, Any], wall_time_s: float | None = None)
         + (f"  (previous champion score {_fmt(champ_score)})" if champ_score is not None else "")
     )
     return "\n".join(lines)
+
+
+EFFECT_COLUMNS = (
+    ("emotion_accuracy", "emotion acc"),
+    ("au_f1_micro", "AU F1 micro"),
+    ("au_f1_macro", "AU F1 macro"),
+    ("format_rate", "format"),
+)
+
+
+def format_effect(effect: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Held-out metrics of the SFT model, the GRPO (policy) model and the difference.
+
+    >>> print("\\n".join(format_effect({"sft": {"emotion_accuracy": 0.5},
+    ...     "grpo": {"emotion_accuracy": 0.625}, "delta": {"emotion_accuracy": 0.125}})))
+    held-out (test split)   emotion acc
+    SFT model                    0.5000
+    GRPO model                   0.6250
+    GRPO - SFT                  +0.1250
+    """
+    cols = [(k, title) for k, title in EFFECT_COLUMNS if k in (effect.get("grpo") or {})]
+    if not cols:
+        return ["held-out effect: no evaluation of the SFT and GRPO models in this summary"]
+    lines = [f"{'held-out (test split)':<22}" + "".join(f" {t:>12}" for _, t in cols)]
+    for row, title in (("sft", "SFT model"), ("grpo", "GRPO model"), ("delta", "GRPO - SFT")):
+        values = effect.get(row) or {}
+        cells = []
+        for key, _ in cols:
+            if key not in values:
+                cells.append(f" {'-':>12}")
+            elif row == "delta":
+                cells.append(f" {values[key]:>+12.4f}")
+            else:
+                cells.append(f" {values[key]:>12.4f}")
+        lines.append(f"{title:<22}" + "".join(cells))
+    return lines
 
 
 def main(conf: Mapping[str, Any] | None = None, quiet: bool = False) -> int:

@@ -1,26 +1,39 @@
-"""The logic behind each task of the ``facial_r1_iteration`` DAG (the DAG file stays thin).
+"""One Facial-R1 iteration, defined once: the Airflow DAG and ``make pipeline`` both run it.
 
-One DAG run = one iteration ``i``::
+One iteration ``i`` (the paper's Figure 2; :data:`FLOW` lists the tasks and what each reads)::
 
-    prepare_data -> sft -> grpo -> synthesize -> filter -> version_data -> evaluate -> promote
+    prepare_data -> sft -> grpo -> [task_grpo] -> synthesize -> filter -> version_data
+                     +-> evaluate_sft                    evaluate (the GRPO model) -> promote
 
 - ``prepare_data`` resolves the iteration (``iteration=0`` means: resume the newest unfinished
   iteration with the same settings, else the one after the newest finished), opens (or reopens)
   its MLflow parent run, makes ``data/`` match ``data.dvc`` (``dvc pull``; on a fresh clone with
   an empty remote it builds the demo dataset and pushes it first), builds the tiny base model when
-  the profile's model folder is missing, and validates the input files.
-- the training stages run through a runner (local process or Kubernetes pod/job) with their
-  inputs/outputs wired by ``--set``: SFT trains on the previous iteration's grown set (the seed
-  set for iteration 1), GRPO starts from the SFT model, synthesis uses the GRPO model on the
-  labelled pool, the filter writes the grown set = previous set + newly accepted samples;
+  the profile's model folder is missing, validates the input files, and writes this iteration's
+  synthesis input: the next unused slice of the labelled pool (``iteration.slice_size`` records;
+  the pool is ``synthesize.input_file`` without the seed set's ids, read in file order, so
+  iteration ``i`` takes candidates ``[(i-1)*n, i*n)``) plus the records the previous iteration's
+  synthesis rejected, for another try;
+- ``sft`` trains on seed + everything accepted so far (the previous iteration's grown set; the
+  seed set in iteration 1) + the ``datasets`` param; ``evaluate_sft`` scores that model on the
+  held-out test split, so each stage's own effect shows;
+- ``grpo`` starts from the SFT model and learns from the labelled set (``grpo.train_file``);
+  ``task_grpo`` (Appendix E, step 3) continues with GRPO on one dataset when the
+  ``task_grpo_file`` param names one, else it passes the GRPO model on unchanged;
+- ``synthesize`` (the policy model writes reasoning for the slice, with reflective retries) and
+  ``filter`` (grown set = previous training set + accepted samples);
 - ``version_data`` adds and pushes ``data/`` with DVC and records its md5;
-- ``evaluate`` scores the GRPO model (the candidate) on the held-out test split;
-- ``promote`` registers the candidate and moves ``champion`` only if it is better.
+- ``evaluate`` scores the policy model (the candidate) on the held-out test split;
+- ``promote`` registers the candidate and moves ``champion`` only if it is better; the summary
+  holds both evaluations and their difference.
 
+The DAG runs each task as an Airflow task; :func:`run_local` (``facial-r1 pipeline run``, i.e.
+``make pipeline``) runs the same functions in the same order in one process, without Airflow.
 Every path of iteration ``i`` is keyed by ``i`` and a short hash of the settings (``run_key``), so
 re-running an iteration reuses finished stages, resumes interrupted ones (stages checkpoint), and
-never overwrites another iteration's data. The grown set of iteration ``i`` feeds iteration
-``i + 1``: it is looked up from the finished parent run of ``i`` (tag ``grown_file``).
+never overwrites another iteration's data. The grown set and the rejected samples of iteration
+``i`` feed iteration ``i + 1``: they are looked up from the finished parent run of ``i`` (tags
+``grown_file`` and ``rejected_file``).
 """
 
 from __future__ import annotations
@@ -62,7 +75,40 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "gpus": {},
     "min_delta": 0.0,
     "bootstrap": True,
+    "task_grpo_file": "",
 }
+
+#: The tasks of one iteration in order, each with the tasks whose results it reads. The DAG
+#: spells this out (a test checks it matches); :func:`run_local` walks it.
+FLOW: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sft", ()),
+    ("evaluate_sft", ("sft",)),
+    ("grpo", ("sft",)),
+    ("task_grpo", ("grpo",)),
+    ("synthesize", ("task_grpo",)),
+    ("filter", ("synthesize",)),
+    ("version_data", ("filter",)),
+    ("evaluate", ("task_grpo", "version_data")),
+    (
+        "promote",
+        (
+            "sft",
+            "evaluate_sft",
+            "grpo",
+            "task_grpo",
+            "synthesize",
+            "filter",
+            "version_data",
+            "evaluate",
+        ),
+    ),
+)
+
+#: Stage tasks that run another stage's command (and use its profile section and resources).
+STAGE_COMMAND = {"evaluate_sft": "evaluate", "task_grpo": "grpo"}
+
+#: Keys of the profile's ``iteration`` section (configs/README.md#iteration).
+ITERATION_KEYS = {"slice_size": 0, "retry_rejected": True}
 
 
 class IterationError(RuntimeError):
@@ -97,6 +143,8 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
         raise IterationError(f"overrides: {exc}") from None
     if not isinstance(p["datasets"], list) or not all(isinstance(d, str) for d in p["datasets"]):
         raise IterationError("datasets must be a list of unified JSONL paths")
+    if not isinstance(p["task_grpo_file"], str):
+        raise IterationError("task_grpo_file must be a unified JSONL path (or empty)")
     if not isinstance(p["gpus"], Mapping):
         raise IterationError("gpus must map stage names to GPU counts")
     for stage, n in p["gpus"].items():
@@ -118,6 +166,10 @@ def run_key(params: Mapping[str, Any], profile_text: str) -> str:
             "datasets": list(params["datasets"]),
             "init_from": params["init_from"],
             "base_model": params["base_model"],
+            # only when set, so the keys of runs without it stay what they were
+            **(
+                {"task_grpo_file": params["task_grpo_file"]} if params.get("task_grpo_file") else {}
+            ),
         },
         sort_keys=True,
     ).encode()
@@ -171,6 +223,23 @@ def input_files(profile: Mapping[str, Any]) -> dict[str, str]:
     return files
 
 
+def iteration_settings(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """The profile's ``iteration`` section with defaults; IterationError names a bad key."""
+    section = _section(profile, "iteration")
+    unknown = sorted(set(section) - set(ITERATION_KEYS))
+    if unknown:
+        raise IterationError(
+            f"iteration: unknown key(s) {', '.join(unknown)}; known: {', '.join(ITERATION_KEYS)}"
+        )
+    out = {**ITERATION_KEYS, **section}
+    size = out["slice_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise IterationError(f"iteration.slice_size must be an integer >= 0, got {size!r}")
+    if not isinstance(out["retry_rejected"], bool):
+        raise IterationError("iteration.retry_rejected must be true or false")
+    return out
+
+
 def iteration_paths(ctx: Mapping[str, Any]) -> dict[str, str]:
     """Where iteration ``i`` writes: run products under runs/, datasets beside the pool file."""
     i, key = int(ctx["iteration"]), ctx["run_key"]
@@ -181,6 +250,7 @@ def iteration_paths(ctx: Mapping[str, Any]) -> dict[str, str]:
     return {
         "work_dir": work,
         "results": f"{work}/results",
+        "slice_file": f"{data_dir}/{stem}_slice.jsonl",
         "synth_file": f"{data_dir}/{stem}_synth.jsonl",
         "synth_rejected": f"{data_dir}/{stem}_synth_rejected.jsonl",
         "grown_file": f"{data_dir}/{stem}_grown.jsonl",
@@ -206,10 +276,16 @@ def spec_for(
             "grpo.train_file": [ctx["inputs"]["grpo_file"]],
             "grpo.output_dir": f"{work}/grpo",
         }
+    elif stage == "task_grpo":
+        wiring = {
+            "grpo.base_model": _model_of(upstream, "grpo"),
+            "grpo.train_file": [ctx["task_grpo_file"]],
+            "grpo.output_dir": f"{work}/task_grpo",
+        }
     elif stage == "synthesize":
         wiring = {
-            "synthesize.model_path": _model_of(upstream, "grpo"),
-            "synthesize.input_file": ctx["inputs"]["pool_file"],
+            "synthesize.model_path": _model_of(upstream, "task_grpo"),
+            "synthesize.input_file": paths["slice_file"],
             "synthesize.output_file": paths["synth_file"],
             "synthesize.rejected_file": paths["synth_rejected"],
             "synthesize.work_dir": f"{work}/synthesis",
@@ -225,26 +301,29 @@ def spec_for(
             "filter.review_dir": f"{work}/review",
             "filter.work_dir": f"{work}/filter",
         }
-    elif stage == "evaluate":
+    elif stage in ("evaluate", "evaluate_sft"):
         wiring = {
-            "evaluate.model_path": _model_of(upstream, "grpo"),
+            "evaluate.model_path": _model_of(
+                upstream, "sft" if stage == "evaluate_sft" else "task_grpo"
+            ),
             "evaluate.test_file": ctx["inputs"]["test_file"],
-            "evaluate.output_dir": f"{work}/evaluate",
+            "evaluate.output_dir": f"{work}/{stage}",
         }
     else:
         raise IterationError(f"unknown stage {stage!r}")
-    resources = stage_resources(profile, stage, (ctx.get("gpus") or {}).get(stage))
+    command = STAGE_COMMAND.get(stage, stage)
+    resources = stage_resources(profile, command, (ctx.get("gpus") or {}).get(command))
     config_dir = str((profile.get("resources") or {}).get("config_dir") or "/opt/facial-r1/configs")
     return StageSpec(
         stage=stage,
-        command=(stage,),
+        command=(command,),
         config=ctx["profile"],
         overrides=(*ctx["overrides"], *overrides_from(wiring)),
         result_path=f"{paths['results']}/{stage}.json",
         parent_run_id=ctx.get("parent_run_id"),
         run_name=f"{stage} (iteration {int(ctx['iteration'])})",
         resources=resources,
-        launcher=launcher_for(profile, stage, resources.gpus, config_dir)
+        launcher=launcher_for(profile, command, resources.gpus, config_dir)
         if ctx["runner"] == "kubernetes"
         else (),
         inputs={
@@ -324,6 +403,7 @@ def prepare_data(
     exp = lineage.experiment_id(client, profile)
     iteration = p["iteration"] or _auto_iteration(client, exp, key)
     inputs = input_files(profile)
+    settings = iteration_settings(profile)
     ctx: dict[str, Any] = {
         "repo": str(repo),
         "profile": p["profile"],
@@ -336,6 +416,8 @@ def prepare_data(
         "datasets": list(p["datasets"]),
         "init_from": p["init_from"],
         "min_delta": float(p["min_delta"]),
+        "task_grpo_file": p["task_grpo_file"],
+        "slice_size": settings["slice_size"],
         "config_hash": config_hash(profile),
         "inputs": inputs,
         "started": started,
@@ -356,6 +438,7 @@ def prepare_data(
             "airflow_dag_run_id": dag_run_id,
             "runner": p["runner"],
             "train_file": ctx["train_file"],
+            "slice_file": ctx["paths"]["slice_file"],
         },
         params={
             "profile": p["profile"],
@@ -365,6 +448,8 @@ def prepare_data(
             "datasets": json.dumps(p["datasets"]),
             "runner": p["runner"],
             "iteration": iteration,
+            "slice_size": settings["slice_size"],
+            "task_grpo_file": p["task_grpo_file"] or "none",
         },
     )
     ctx["parent_run_id"] = parent
@@ -375,13 +460,22 @@ def prepare_data(
         "reusing" if reused else "created",
         parent,
     )
-    checks = [f"--check={f}" for f in (ctx["train_file"], *ctx["datasets"])]
+    checks = [
+        f"--check={f}" for f in (ctx["train_file"], *ctx["datasets"], p["task_grpo_file"]) if f
+    ]
     if previous and previous[1]:
         checks.append(f"--restore-md5={previous[1]}")
+    pool = [
+        f"--slice-out={ctx['paths']['slice_file']}",
+        f"--slice-iteration={iteration}",
+        f"--slice-size={settings['slice_size']}",
+    ]
+    if settings["retry_rejected"] and previous and previous[2]:
+        pool.append(f"--slice-retry={previous[2]}")
     data = run_data_step(
         ctx,
         "prepare-data",
-        [*checks, "--bootstrap" if p["bootstrap"] else "--no-bootstrap"],
+        [*checks, *pool, "--bootstrap" if p["bootstrap"] else "--no-bootstrap"],
         context,
     )
     ctx["data_md5_in"] = data["outputs"].get("data_md5", "")
@@ -406,8 +500,9 @@ def _auto_iteration(client, exp: str, key: str) -> int:
     return lineage.next_iteration(client, exp)
 
 
-def _previous_grown(client, exp: str, iteration: int) -> tuple[str, str] | None:
-    """(grown set, data md5) of the newest finished run of iteration ``i - 1`` (None for i = 1)."""
+def _previous_grown(client, exp: str, iteration: int) -> tuple[str, str, str] | None:
+    """(grown set, data md5, rejected samples) of the newest finished run of iteration ``i - 1``
+    (None for i = 1)."""
     from . import lineage
 
     if iteration <= 1:
@@ -415,7 +510,11 @@ def _previous_grown(client, exp: str, iteration: int) -> tuple[str, str] | None:
     for run in lineage.find_iteration_runs(client, exp, iteration - 1, status="FINISHED"):
         grown = run.data.tags.get("grown_file")
         if grown:
-            return grown, run.data.tags.get(lineage.DATA_MD5_TAG, "")
+            return (
+                grown,
+                run.data.tags.get(lineage.DATA_MD5_TAG, ""),
+                run.data.tags.get("rejected_file", ""),
+            )
     log.warning(
         "no finished iteration %d with a grown set: training on the seed set", iteration - 1
     )
@@ -463,6 +562,31 @@ def _forget(result_file: Path) -> None:
         marker.unlink()
 
 
+def run_task(
+    name: str,
+    ctx: Mapping[str, Any],
+    upstream: Mapping[str, Mapping[str, Any]],
+    context: Any = None,
+) -> dict[str, Any]:
+    """Run task ``name`` of :data:`FLOW` with the results of the tasks it reads; its result."""
+    if name == "version_data":
+        return version_data(ctx, upstream["filter"], context)
+    if name == "promote":
+        return promote(ctx, upstream)
+    if name == "task_grpo" and not ctx.get("task_grpo_file"):
+        log.info("task_grpo: no task_grpo_file param: the GRPO model goes on unchanged")
+        grpo = upstream["grpo"]
+        # the GRPO model and run go on; no time of its own (the GRPO task already counted it)
+        return {
+            **_slim(grpo),
+            "skipped": True,
+            "cached": False,
+            "wall_time_s": 0.0,
+            "runner_wall_time_s": 0.0,
+        }
+    return run_stage(ctx, name, upstream, context)
+
+
 def run_stage(
     ctx: Mapping[str, Any],
     stage: str,
@@ -476,6 +600,10 @@ def run_stage(
     result = make_runner(ctx).run(spec, context)
     client = lineage.client_for(load(ctx))
     lineage.log_stage(client, ctx["parent_run_id"], stage, result)
+    if stage == "synthesize":
+        # the next iteration retries these (iteration.retry_rejected)
+        rejected = (result.get("outputs") or {}).get("rejected") or ctx["paths"]["synth_rejected"]
+        client.set_tag(ctx["parent_run_id"], "rejected_file", _relative(ctx, rejected))
     return _slim(result)
 
 
@@ -522,14 +650,9 @@ def _relative(ctx: Mapping[str, Any], path: str) -> str:
         return path
 
 
-def promote(
-    ctx: Mapping[str, Any],
-    grpo: Mapping[str, Any],
-    evaluation: Mapping[str, Any],
-    data: Mapping[str, Any],
-    upstream: Mapping[str, Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Task ``promote``: register the candidate, move ``champion`` if better, close the run."""
+def promote(ctx: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Task ``promote``: register the candidate (the policy model: GRPO, or task GRPO after it),
+    move ``champion`` if better, write the summary, close the parent run."""
     from facial_r1_core.tracking import registered_model_name
 
     from . import lineage, promotion
@@ -537,7 +660,10 @@ def promote(
     profile = load(ctx)
     client = lineage.client_for(profile)
     name = registered_model_name(profile)
-    source, model_id = _logged_model(grpo)
+    policy = upstream["task_grpo"]
+    evaluation = upstream["evaluate"]
+    data = upstream["version_data"]
+    source, model_id = _logged_model(policy)
     metrics = evaluation.get("metrics") or {}
     fingerprint = (evaluation.get("outputs") or {}).get(promotion.FINGERPRINT)
     promotion.evaluation_from(metrics, fingerprint)  # unusable evaluation: fail, register nothing
@@ -550,14 +676,20 @@ def promote(
         "run_key": ctx["run_key"],
         "parent_run_id": parent,
         "iteration": str(ctx["iteration"]),
-        "grpo_run_id": grpo.get("mlflow_run_id") or "",
+        "grpo_run_id": policy.get("mlflow_run_id") or "",
         "evaluate_run_id": evaluation.get("mlflow_run_id") or "",
+        # the same split scored with the SFT model this candidate started from
+        **{
+            f"eval_sft.{k}": v
+            for k, v in ((upstream.get("evaluate_sft") or {}).get("metrics") or {}).items()
+            if k in EFFECT_METRICS
+        },
     }
     version = promotion.register_candidate(
         client,
         name,
         source=source,
-        run_id=grpo.get("mlflow_run_id"),
+        run_id=policy.get("mlflow_run_id"),
         key=f"{parent}:{data.get('data_md5', '')}",
         tags=tags,
         model_id=model_id,
@@ -571,8 +703,15 @@ def promote(
         min_delta=float(ctx.get("min_delta", 0.0)),
         test_set_fingerprint=fingerprint,
     )
-    summary = build_summary(
-        ctx, {**(upstream or {}), "grpo": grpo, "evaluate": evaluation}, data, decision
+    summary = build_summary(ctx, upstream, data, decision)
+    effect = summary["effect"]
+    client.log_batch(
+        parent,
+        metrics=[
+            _metric(f"effect.{row}.{k}", v)
+            for row in ("sft", "grpo", "delta")
+            for k, v in effect[row].items()
+        ],
     )
     client.log_text(parent, json.dumps(summary, indent=2), "summary.json")
     out = Path(ctx["repo"]) / ctx["paths"]["work_dir"] / "summary.json"
@@ -587,23 +726,39 @@ def promote(
     return summary
 
 
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+#: Held-out metrics compared between the SFT model and the policy model (the stages' effect).
+EFFECT_METRICS = ("emotion_accuracy", "au_f1_micro", "au_f1_macro", "format_rate")
+
+
+def stage_effect(
+    sft_metrics: Mapping[str, Any], policy_metrics: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the SFT model, of the policy (GRPO) model, and their difference.
+
+    >>> stage_effect({"emotion_accuracy": 0.5, "n": 8}, {"emotion_accuracy": 0.625})["delta"]
+    {'emotion_accuracy': 0.125}
+    """
+    sft = {k: float(sft_metrics[k]) for k in EFFECT_METRICS if k in sft_metrics}
+    grpo = {k: float(policy_metrics[k]) for k in EFFECT_METRICS if k in policy_metrics}
+    delta = {k: round(grpo[k] - sft[k], 6) for k in EFFECT_METRICS if k in sft and k in grpo}
+    return {"sft": sft, "grpo": grpo, "delta": delta}
+
+
 def build_summary(
     ctx: Mapping[str, Any],
     results: Mapping[str, Mapping[str, Any]],
     data: Mapping[str, Any],
     decision: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Everything the demo's table shows, as JSON."""
+    """Everything the demo's table and ``make pipeline`` show, as JSON."""
     stages = {}
-    for stage in (
-        "prepare_data",
-        "sft",
-        "grpo",
-        "synthesize",
-        "filter",
-        "version_data",
-        "evaluate",
-    ):
+    for stage in ("prepare_data", *(name for name, _ in FLOW if name != "promote")):
         if stage == "prepare_data":
             res = ctx.get("prepare") or {}
         elif stage == "version_data":
@@ -614,8 +769,9 @@ def build_summary(
             "wall_time_s": res.get("wall_time_s"),
             "runner_wall_time_s": res.get("runner_wall_time_s"),
             "cached": bool(res.get("cached")),
-            "metrics": res.get("metrics") or {},
-            "mlflow_run_id": res.get("mlflow_run_id"),
+            "skipped": bool(res.get("skipped")),
+            "metrics": {} if res.get("skipped") else (res.get("metrics") or {}),
+            "mlflow_run_id": None if res.get("skipped") else res.get("mlflow_run_id"),
         }
     return {
         "iteration": ctx["iteration"],
@@ -623,13 +779,46 @@ def build_summary(
         "parent_run_id": ctx["parent_run_id"],
         "profile": ctx["profile"],
         "train_file": ctx["train_file"],
+        "slice_file": ctx["paths"].get("slice_file"),
+        "task_grpo_file": ctx.get("task_grpo_file") or None,
         "grown_file": data.get("grown_file"),
         "data_md5": data.get("data_md5"),
         "stages": stages,
+        "effect": stage_effect(
+            (results.get("evaluate_sft") or {}).get("metrics") or {},
+            (results.get("evaluate") or {}).get("metrics") or {},
+        ),
         "promotion": dict(decision),
         "started": ctx.get("started"),
         "finished": time.time(),
     }
+
+
+def run_local(
+    params: Mapping[str, Any],
+    *,
+    repo: str | os.PathLike,
+    on_task: Any = None,
+) -> dict[str, Any]:
+    """One iteration without Airflow (``facial-r1 pipeline run``, ``make pipeline``): the DAG's
+    task functions, in :data:`FLOW` order, with the local or Kubernetes runner named in
+    ``params``. ``on_task(name, result)`` is called after each task. Returns the summary."""
+    from . import lineage
+
+    ctx = prepare_data(params, repo=repo, dag_run_id="local")
+    if on_task:
+        on_task("prepare_data", ctx.get("prepare") or {})
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for name, reads in FLOW:
+            results[name] = run_task(name, ctx, {r: results[r] for r in reads})
+            if on_task:
+                on_task(name, results[name])
+    except BaseException:
+        client = lineage.client_for(load(ctx))
+        lineage.finish_iteration(client, ctx["parent_run_id"], status="FAILED")
+        raise
+    return results["promote"]
 
 
 def next_iteration_conf(ctx: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:

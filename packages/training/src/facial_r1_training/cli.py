@@ -1,5 +1,4 @@
-"""Training-side ``facial-r1`` commands: model, sft, grpo, synthesize, filter, evaluate, analyze,
-pipeline-local.
+"""Training-side ``facial-r1`` commands: model, sft, grpo, synthesize, filter, evaluate, analyze.
 
 ``model``, ``sft`` and ``grpo`` are defined here. Other commands live in their own modules, each
 with ``add_parser(subparsers)`` (listed in :data:`COMMAND_MODULES`; a module that is missing or
@@ -23,7 +22,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "filtering",
     "evaluation",
     "analyze",
-    "pipeline_local",
 )
 
 
