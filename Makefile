@@ -68,6 +68,12 @@ PIPELINE_ARGS ?=
 pipeline: setup-trainer ## every stage in sequence on the tiny profile, no Airflow; last line = final metrics JSON
 	$(VENV)/bin/python -m facial_r1_training.pipeline_local --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
+# --- the paper's ablation in miniature (benchmarks/ablation.py) ---
+.PHONY: ablation
+ABLATION_ARGS ?=
+ablation: setup-trainer ## arms sft / grpo / iteration2 over seeds 0 1 2 on the tiny profile; last line = JSON
+	$(VENV)/bin/python benchmarks/ablation.py --config configs/tiny-cpu.yaml $(ABLATION_ARGS)
+
 # --- orchestration (owner: pipeline; docs/operations.md) -----------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
 # local processes of .venv; MLflow store runs/mlflow.db; DVC remote .dvc-remote/.
