@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="sft.KEY=VALUE",
         help="overrides for iteration 2's SFT only (e.g. sft.max_steps=500)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run in parallel (each stage uses one thread)"
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="no parent MLflow run")
     args = parser.parse_args(argv)
     for key, value in ENV.items():
@@ -391,8 +394,16 @@ def main(argv: list[str] | None = None) -> int:
             "pool": Path(output(faces, "pool_jsonl", "pool")),
             "iter2_sets": tuple(args.iter2_set),
         }
-        for seed in args.seeds:
-            results, extra = run_seed(stages, seed, args.arms, shared, reward_cfg)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {
+                seed: pool.submit(run_seed, stages, seed, args.arms, shared, reward_cfg)
+                for seed in args.seeds
+            }
+            done = {seed: future.result() for seed, future in futures.items()}
+        for seed in args.seeds:  # in seed order, whatever finished first
+            results, extra = done[seed]
             details[str(seed)] = {"arms": results, **extra}
             for arm, metrics in results.items():
                 for key in METRICS:
