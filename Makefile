@@ -81,6 +81,12 @@ PIPELINE_ARGS ?=
 pipeline: setup-trainer ## one iteration (the DAG's tasks) without Airflow, tiny profile; again = next iteration; last line = final metrics JSON
 	$(VENV)/bin/facial-r1 pipeline run --config configs/tiny-cpu.yaml $(PIPELINE_ARGS)
 
+# --- the paper's ablation in miniature (benchmarks/ablation.py) ---
+.PHONY: ablation
+ABLATION_ARGS ?=
+ablation: setup-trainer ## arms sft / grpo / iteration2 over seeds 0 1 2 on the tiny profile; last line = JSON
+	$(VENV)/bin/python benchmarks/ablation.py --config configs/tiny-cpu.yaml $(ABLATION_ARGS)
+
 # --- orchestration (docs/operations.md) ---------------------------------------------------------
 # Airflow on SQLite in a project-local, git-ignored AIRFLOW_HOME; the DAG runs the stages as
 # local processes of .venv; MLflow store runs/mlflow.db; DVC remote: the machine-wide folder

@@ -123,6 +123,19 @@ def test_grpo_runs_logs_and_refuses_other_settings(home, env, tmp_path, capsys):
         history = client.get_metric_history(run.info.run_id, key)
         assert [h.step for h in history] == [1, 2], key
     assert run.data.params["reward_weights.au"] == "2.0"
+    # diagnostics: one of the 7 usable records is held out (at most a quarter), weights moved
+    assert m["heldout_samples"] == 1 and m["samples"] == 6
+    for tag in ("before", "after"):
+        parts = [m[f"heldout_{c}_{tag}"] for c in ("au", "accuracy", "format")]
+        assert all(0.0 <= p <= 1.0 for p in parts)
+        assert m[f"heldout_reward_{tag}"] == pytest.approx(2.0 * parts[0] + parts[1] + parts[2])
+    assert m["heldout_reward_delta"] == pytest.approx(
+        m["heldout_reward_after"] - m["heldout_reward_before"]
+    )
+    assert m["relative_weight_change"] >= 0.0  # the untrained model earns 0 everywhere: no signal
+    assert m["grpo_noop"] == float(m["mean_kl"] < 1e-3)
+    assert run.data.tags["grpo_noop"] == ("true" if m["grpo_noop"] else "false")
+    assert run.data.metrics["relative_weight_change"] == pytest.approx(m["relative_weight_change"])
     saved = json.loads((root / "runs/grpo/model/facial_r1_training.json").read_text())
     assert saved["reward_weights"] == {"au": 2.0, "accuracy": 1.0, "format": 1.0}
     # the final model is logged to the artifact store as an MLflow model of this run
@@ -191,3 +204,66 @@ def test_bad_reward_variant_is_a_usage_error(home, env, tmp_path):
         ]
     )
     assert code == 2
+
+
+def test_grpo_flags_a_noop_run_and_rolls_out_with_our_decoder(home, env, tmp_path, caplog):
+    """lr 0: the weights stay put, the KL stays ~0, so the run is tagged and warned a no-op;
+    rollouts come from the continuous-batching decoder through TRL's rollout_func."""
+    root, profile = home
+    result = tmp_path / "noop.json"
+    with caplog.at_level("WARNING", logger="facial_r1.grpo"):
+        code = cli_main(
+            [
+                "grpo",
+                "--config",
+                str(profile),
+                *FAST,
+                "--base-model",
+                "tiny",
+                "--fresh",
+                "--output-dir",
+                str(tmp_path / "noop"),
+                "--set",
+                "grpo.learning_rate=0.0",
+                "--set",
+                "grpo.max_steps=2",
+                "--set",
+                "grpo.rollout_engine=continuous",
+                "--result",
+                str(result),
+            ]
+        )
+    assert code == 0
+    data = json.loads(result.read_text())
+    m = data["metrics"]
+    assert m["relative_weight_change"] == 0.0
+    assert m["heldout_reward_after"] == pytest.approx(m["heldout_reward_before"])
+    assert m["mean_kl"] < 1e-3 and m["grpo_noop"] == 1.0
+    assert m["mean_completion_length"] > 0
+    assert "GRPO did not move the policy" in caplog.text
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    assert client.get_run(data["mlflow_run_id"]).data.tags["grpo_noop"] == "true"
+
+
+def test_continuous_rollout_engine_is_validated():
+    with pytest.raises(Exception, match="rollout_engine"):
+        from_section(GRPOStageConfig, {"rollout_engine": "fast"}, name="grpo")
+    with pytest.raises(Exception, match="top_p"):
+        from_section(GRPOStageConfig, {"rollout_engine": "continuous", "top_p": 0.9}, name="grpo")
+
+
+def test_weight_change_and_noop_verdict():
+    import torch
+    from facial_r1_training.grpo_diagnostics import WeightChange, noop_verdict
+
+    layer = torch.nn.Linear(4, 4, bias=False)
+    torch.nn.init.ones_(layer.weight)  # ||theta|| = 4
+    tracker = WeightChange()
+    tracker.snapshot(layer)
+    assert tracker.relative(layer) == 0.0
+    with torch.no_grad():
+        layer.weight[0, 0] += 2.0  # ||delta|| = 2
+    assert tracker.relative(layer) == pytest.approx(0.5)
+    assert noop_verdict(5e-4, 1e-3) is True and noop_verdict(5e-3, 1e-3) is False
+    assert noop_verdict(None, 1e-3, weight_change=0.5) is False
+    assert noop_verdict(None, 1e-3, weight_change=0.0) is True

@@ -154,8 +154,22 @@ class GRPOStageConfig(TrainerCommon):
     vllm_enable_sleep_mode: bool = False
     log_completions: bool = False
     log_model: bool = True  # log the final model to MLflow as a pyfunc (what the registry holds)
+    rollout_engine: str = "trl"  # trl (model.generate / vLLM) | continuous (our decoder)
+    rollout_batch_size: int = 64  # continuous: rows decoding together
+    heldout_size: int = 64  # records kept out of training for the before/after reward check
+    noop_kl_threshold: float = 1e-3  # mean KL below this: warn and tag the run grpo_noop=true
+    track_weight_change: bool = True  # keep a CPU copy of the weights for the relative change
 
     def __post_init__(self) -> None:
+        if self.rollout_engine not in ("trl", "continuous"):
+            raise ConfigError(
+                f"grpo.rollout_engine must be trl or continuous, got {self.rollout_engine!r}"
+            )
+        if self.rollout_engine == "continuous" and (self.use_vllm or self.top_p != 1.0):
+            raise ConfigError(
+                "grpo.rollout_engine=continuous samples on the trained model with top_p 1: "
+                "set use_vllm false and top_p 1.0 (or rollout_engine trl)"
+            )
         if self.reward_variant not in ("paper", "reference"):
             raise ConfigError(
                 f"grpo.reward_variant must be paper or reference, got {self.reward_variant!r}"

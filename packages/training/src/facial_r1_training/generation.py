@@ -268,6 +268,7 @@ class TransformersBackend:
         self.row_steps = 0  # decoding work done: sum over steps of the rows still in the batch
         self.prefills = 0  # prompt batches run
         self.joins = 0  # prompt batches that joined a running batch (continuous batching)
+        self.last_token_ids: list[list[int]] = []  # the last _decode call's ids (end token kept)
 
     @property
     def device(self):
@@ -426,6 +427,7 @@ class TransformersBackend:
                     running.select(keep)
                     picked = picked[keep]
                 running.advance(self.model, picked)
+        self.last_token_ids = [tokens[i, : lengths[i]].tolist() for i in range(n)]
         return texts
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:

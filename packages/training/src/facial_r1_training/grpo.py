@@ -10,6 +10,13 @@ Logged per step (MLflow, from TRL's logs): ``rewards/<fn>/mean`` and ``/std`` fo
 share of groups whose G rewards are all equal, i.e. no learning signal; also logged as
 ``zero_variance_groups``), ``entropy``, ``clip_ratio/*``, ``s_per_step``.
 
+Whether GRPO did anything (:mod:`facial_r1_training.grpo_diagnostics`): held-out reward before
+and after (greedy, on ``grpo.heldout_size`` records kept out of training), mean KL, relative
+weight change, share of zero-variance groups; mean KL below ``grpo.noop_kl_threshold`` logs a
+warning and tags the run ``grpo_noop=true``. ``grpo.rollout_engine: continuous`` samples the
+rollouts with our continuous-batching decoder (:mod:`facial_r1_training.rollout`) through TRL's
+``rollout_func``.
+
 On the GPU profile ``use_vllm``/``vllm_mode`` (colocate)/``vllm_gpu_memory_utilization``/
 ``vllm_tensor_parallel_size`` are passed through to TRL. Checkpoints and resume as for SFT.
 """
@@ -25,6 +32,7 @@ from typing import Any
 
 from .configs import REWARD_NAMES, GRPOStageConfig, SFTStageConfig
 from .data import grpo_rows, load_records, to_dataset
+from .grpo_diagnostics import WeightChange, heldout_reward, split_heldout, summary_metrics
 from .trainer_common import (
     begin_training,
     common_args,
@@ -100,7 +108,10 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(
             f"no usable GRPO records in {', '.join(map(str, files))}: {report.summary()}"
         )
-    dataset = to_dataset(grpo_rows(items, cfg.emotions, cfg.question), "image")
+    seed = cfg.seed if cfg.seed is not None else ctx.seed
+    train_items, held_items = split_heldout(items, cfg.heldout_size, seed)
+    held_rows = grpo_rows(held_items, cfg.emotions, cfg.question)
+    dataset = to_dataset(grpo_rows(train_items, cfg.emotions, cfg.question), "image")
 
     model, processor = load_model_and_processor(
         base,
@@ -139,6 +150,16 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     grpo_args = GRPOConfig(**targs)
 
     callback = mlflow_callback(ctx)
+    rollout = None
+    if cfg.rollout_engine == "continuous":
+        from .rollout import make_rollout_func
+
+        rollout = make_rollout_func(
+            processor,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_completion_length,
+            batch_size=cfg.rollout_batch_size,
+        )
     trainer = exact_resume(GRPOTrainer)(
         model=model,
         reward_funcs=reward_funcs(cfg.reward_variant),
@@ -146,6 +167,7 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         train_dataset=dataset,
         processing_class=processor,
         callbacks=[callback],
+        rollout_func=rollout,
     )
     resume_from = last_checkpoint(ckpt_dir) if state.status == "resume" else None
     start_step = 0
@@ -157,9 +179,27 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         {"resumed_from_step": start_step, "base_model": base, "reward_variant": cfg.reward_variant}
     )
 
+    def held_out() -> dict[str, float]:
+        return heldout_reward(
+            model,
+            processor,
+            held_rows,
+            variant=cfg.reward_variant,
+            weights=cfg.weights(),
+            max_new_tokens=cfg.max_completion_length,
+        )
+
+    t_held = time.time()
+    reward_before = held_out()
+    weights = WeightChange()
+    if cfg.track_weight_change:
+        weights.snapshot(model)
     t0 = time.time()
     result = train(trainer, resume_from, callback)
     train_time = time.time() - t0
+    reward_after = held_out()
+    weight_change = weights.relative(model)
+    diagnostics_time = time.time() - t0 - train_time + (t0 - t_held)
     steps = int(trainer.state.global_step)
     s_per_step = callback.seconds_per_step(steps)
     save_final(
@@ -201,7 +241,9 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         "global_step": steps,
         "resumed_from_step": start_step,
         "train_time_s": round(train_time, 3),
-        "samples": len(items),
+        "diagnostics_time_s": round(diagnostics_time, 3),
+        "samples": len(train_items),
+        "heldout_samples": len(held_items),
     }
     for key, name in [
         ("reward", "mean_reward"),
@@ -215,6 +257,26 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
             metrics[name] = value
     if s_per_step is not None:
         metrics["s_per_step"] = round(s_per_step, 4)
+    found, noop = summary_metrics(
+        reward_before, reward_after, weight_change, metrics.get("mean_kl"), cfg.noop_kl_threshold
+    )
+    metrics.update(found)
+    if noop is not None:
+        ctx.set_tags({"grpo_noop": "true" if noop else "false"})
+    if noop:
+        log.warning(
+            "GRPO did not move the policy: mean KL %s (threshold %.2g), relative weight change "
+            "%s, held-out reward %s -> %s; raise learning_rate, max_steps or prompts per step",
+            metrics.get("mean_kl"),
+            cfg.noop_kl_threshold,
+            found.get("relative_weight_change"),
+            found.get("heldout_reward_before"),
+            found.get("heldout_reward_after"),
+        )
+    log.info(
+        "GRPO diagnostics: %s",
+        {k: round(v, 5) for k, v in found.items()},
+    )
     outputs = {"model": str(model_dir), "checkpoints": str(ckpt_dir)}
     if cfg.log_model and trainer.is_world_process_zero():
         if ctx.mlflow_run_id:
