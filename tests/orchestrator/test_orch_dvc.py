@@ -151,3 +151,22 @@ def test_no_git_no_commit(tmp_path, monkeypatch):
     (tmp_path / "p" / "data" / "x.txt").write_text("x")
     outputs, _ = datastep.version(tmp_path / "p")
     assert outputs["data_commit"] == "" and outputs["data_md5"].endswith(".dir")
+
+
+def test_a_push_killed_after_the_manifest_is_completed(project):
+    """A push killed after DVC copied the ``.dir`` manifest leaves a remote DVC calls in sync
+    (``status -c`` and ``push`` trust the manifest); the next version step completes it."""
+    data = project / "data" / "Faces"
+    data.mkdir(parents=True)
+    for i in range(5):
+        (data / f"{i}.txt").write_text(f"face {i}\n")
+    dvc.ensure_repo(project)
+    version = dvc.version_and_push(project)
+    objects = dvc.remote_path(project) / "files" / "md5"
+    files = [p for p in objects.rglob("*") if p.is_file() and p.suffix != ".dir"]
+    for path in files[:3]:  # what a kill in the middle of the copy leaves
+        path.unlink()
+    assert len(dvc.missing_in_local_remote(project)) == 3
+    assert dvc.in_remote(project)  # DVC's own view: in sync
+    assert dvc.version_and_push(project).md5 == version.md5
+    assert dvc.missing_in_local_remote(project) == []

@@ -22,6 +22,7 @@ commands a person types, run in-process); read-only questions (status, config) u
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -235,10 +236,51 @@ def workspace_matches(repo: str | os.PathLike, target: str = TRACKED) -> bool:
         return False
 
 
+def missing_in_local_remote(repo: str | os.PathLike, target: str = TRACKED) -> list[str]:
+    """Files of the recorded version absent from a local-folder remote ([] for other remotes).
+
+    DVC treats a directory whose ``.dir`` manifest is in the remote as complete; a push killed
+    after the manifest was copied leaves a remote that ``dvc push`` and ``dvc status -c`` call in
+    sync although files are missing. This checks every file of the manifest.
+    """
+    version = read_version(repo, target)
+    folder = remote_path(repo)
+    if version is None or folder is None or not version.md5.endswith(".dir"):
+        return []
+    digest = version.md5
+    manifest = Path(repo) / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]
+    if not manifest.is_file():
+        return []
+    entries = json.loads(manifest.read_text(encoding="utf-8"))
+    return [
+        e["relpath"]
+        for e in entries
+        if not (folder / "files" / "md5" / e["md5"][:2] / e["md5"][2:]).is_file()
+    ]
+
+
 def version_and_push(repo: str | os.PathLike, target: str = TRACKED) -> DataVersion:
-    """Add the current ``data/`` as a version and push it; idempotent for unchanged data."""
+    """Add the current ``data/`` as a version and push it; idempotent for unchanged data.
+
+    A local-folder remote is then checked file by file; when an earlier, killed push left the
+    manifest without all its files, the manifest is removed from the remote and pushed again.
+    """
     version = add(repo, target)
     push(repo, target)
+    missing = missing_in_local_remote(repo, target)
+    if missing:
+        log.warning(
+            "the remote lacks %d file(s) of version %s (an interrupted push): pushing again",
+            len(missing),
+            version.md5,
+        )
+        folder = remote_path(repo)
+        assert folder is not None
+        (folder / "files" / "md5" / version.md5[:2] / version.md5[2:]).unlink(missing_ok=True)
+        push(repo, target)
+        missing = missing_in_local_remote(repo, target)
+        if missing:
+            raise DvcError(f"the remote still lacks {len(missing)} file(s), e.g. {missing[0]}")
     log.info(
         "data version %s (%d files, %d bytes) pushed", version.md5, version.nfiles, version.size
     )
