@@ -224,7 +224,7 @@ def test_grpo_flags_a_noop_run_and_rolls_out_with_our_decoder(home, env, tmp_pat
                 "--output-dir",
                 str(tmp_path / "noop"),
                 "--set",
-                "grpo.learning_rate=0.0",
+                "grpo.learning_rate=1e-12",
                 "--set",
                 "grpo.max_steps=2",
                 "--set",
