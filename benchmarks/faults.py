@@ -67,6 +67,9 @@ def env_for(home: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "FACIAL_R1_HOME": str(home),
+        # each scratch project pushes to a remote of its own, never the machine-wide default:
+        # the version scenario counts what reached it
+        "FACIAL_R1_DVC_REMOTE": str(home / ".dvc-remote"),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -490,6 +493,9 @@ class Version(Scenario):
         remote = self.project(out) / ".dvc-remote"
         stored = sum(1 for p in remote.rglob("*") if p.is_file()) if remote.is_dir() else 0
         ref_stored = sum(1 for p in (self.project("ref") / ".dvc-remote").rglob("*") if p.is_file())
+        if not ref_stored:
+            t.notes.append("the uninterrupted run stored nothing in its remote: nothing to compare")
+            t.differing = 1
         t.lost = max(0, ref_stored - stored)
         return t
 

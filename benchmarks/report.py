@@ -130,7 +130,7 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         out.append(
             (
                 "every stage without Airflow",
-                "second-SFT model of `make pipeline` (runs/pipeline/sft2/model)",
+                "GRPO model of `make pipeline` (runs/pipeline/grpo/model)",
                 "`make pipeline`",
                 f"{_duration(pipeline.get('total_s'))}; emotion "
                 f"{metrics.get('emotion_accuracy', 'n/a')}, AU F1 micro "

@@ -42,7 +42,7 @@ TINY = [
 
 def test_infra_uses_the_prod_local_names(repo):
     """One source of config names: every Secret key and setting infra/ reads is one prod-local
-    writes, filling the same environment variable."""
+    writes."""
     seen = 0
     for path in sorted((repo / "infra").rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -51,7 +51,10 @@ def test_infra_uses_the_prod_local_names(repo):
                 name = env["name"]
                 if ref and ref["name"] in prodlocal.SECRETS:
                     keys = prodlocal.SECRETS[ref["name"]]
-                    assert keys.get(ref["key"]) == name, f"{path}: {name} <- {ref}"
+                    # the key must be one prod-local writes; the variable may differ (the MLflow
+                    # server reads the admin account the clients log in with as
+                    # MLFLOW_AUTH_ADMIN_*)
+                    assert ref["key"] in keys, f"{path}: {name} <- {ref}: no such key"
                     seen += 1
                 cm = (env.get("valueFrom") or {}).get("configMapKeyRef")
                 if cm and cm["key"] in prodlocal.SETTINGS:

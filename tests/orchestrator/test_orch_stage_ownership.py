@@ -66,7 +66,9 @@ def test_dag_renders_with_the_kubernetes_runner(k8s_dag, repo):
     }
     ctx["paths"] = iteration.iteration_paths(ctx)
     runner = iteration.make_runner(ctx)
-    upstream = {s: {"outputs": {"model": f"runs/x/{s}/model"}} for s in ("sft", "grpo")}
+    upstream = {
+        s: {"outputs": {"model": f"runs/x/{s}/model"}} for s in ("sft", "grpo", "task_grpo")
+    }
     for stage in STAGES:
         spec = iteration.spec_for(ctx, stage, upstream)
         manifest = k8s.render(spec, runner.settings, profile_file)

