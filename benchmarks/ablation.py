@@ -120,7 +120,7 @@ def reward_mean(predictions: Path, variant: str, weights: dict[str, float]) -> f
 def evaluate(stages: Stages, name: str, model: str, test_file: Path, out: Path, reward_cfg):
     result = stages.run(
         name,
-        ["evaluate", "--model", model, "--test-file", str(test_file), "--output-dir", str(out)],
+        ["evaluate", "--model", model, str(test_file), "--output-dir", str(out)],
     )
     m = result["metrics"]
     return {
@@ -141,7 +141,7 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
     seed_file = data_dir / f"DemoFaces_seed_s{seed}.jsonl"
     stages.run(
         f"s{seed}_seed",
-        ["data", "seed-sft", "--input", str(train), "--no-progress"],
+        ["data", "seed-sft", str(train), "--no-progress"],
         (
             f"seed_sft.seed={seed}",
             f"seed_sft.output={seed_file}",
@@ -152,9 +152,9 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         f"s{seed}_sft",
         [
             "sft",
-            "--train-file",
+            "--input",
             str(seed_file),
-            "--base-model",
+            "--model",
             shared["model"],
             "--output-dir",
             str(work / "sft"),
@@ -172,9 +172,9 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         f"s{seed}_grpo",
         [
             "grpo",
-            "--train-file",
+            "--input",
             str(train),
-            "--base-model",
+            "--model",
             output(sft, "model"),
             "--output-dir",
             str(work / "grpo"),
@@ -209,7 +209,6 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         f"s{seed}_synthesis",
         [
             "synthesize",
-            "--input",
             str(pool),
             "--model",
             output(grpo, "model"),
@@ -219,8 +218,8 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         ],
         (
             *seed_sets,
-            f"synthesis.rejected_file={data_dir / f'DemoFaces_pool_synth_s{seed}_rejected.jsonl'}",
-            f"synthesis.work_dir={work / 'synthesis'}",
+            f"synthesize.rejected_file={data_dir / f'DemoFaces_pool_synth_s{seed}_rejected.jsonl'}",
+            f"synthesize.work_dir={work / 'synthesis'}",
         ),
     )
     grown_file = data_dir / f"DemoFaces_grown_s{seed}.jsonl"
@@ -228,7 +227,6 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         f"s{seed}_filter",
         [
             "filter",
-            "--input",
             output(synth, "accepted"),
             "--seed-file",
             str(seed_file),
@@ -252,9 +250,9 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         f"s{seed}_sft2",
         [
             "sft",
-            "--train-file",
+            "--input",
             output(flt, "train"),
-            "--base-model",
+            "--model",
             output(grpo, "model"),
             "--output-dir",
             str(work / "sft2"),
@@ -266,9 +264,9 @@ def run_seed(stages: Stages, seed: int, arms: list[str], shared: dict[str, Any],
         f"s{seed}_grpo2",
         [
             "grpo",
-            "--train-file",
+            "--input",
             str(train),
-            "--base-model",
+            "--model",
             output(sft2, "model"),
             "--output-dir",
             str(work / "grpo2"),
@@ -379,11 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     details: dict[str, Any] = {}
     try:
-        model = stages.run("model", ["model", "build-tiny", "--out", str(work / "model")])
+        model = stages.run("model", ["model", "build-tiny", "--output-dir", str(work / "model")])
         data_dir = work / "data"
         faces = stages.run(
             "demo_faces",
-            ["data", "demo-faces", "--out-root", str(data_dir), "--no-progress"],
+            ["data", "demo-faces", "--output-dir", str(data_dir), "--no-progress"],
             (f"demo_faces.contact_sheet={work / 'contact_sheet.png'}",),
         )
         shared = {

@@ -212,7 +212,7 @@ class Synthesize(Scenario):
             self.home / "profile.yaml",
             {
                 "run": {"seed": 0, "torch_threads": 1},
-                "synthesis": {
+                "synthesize": {
                     "input_file": "data/Toy_pool.jsonl",
                     "model_path": "tiny",
                     "batch_size": 4,
@@ -232,11 +232,11 @@ class Synthesize(Scenario):
             str(self.home / "profile.yaml"),
             "--no-mlflow",
             "--set",
-            f"synthesis.work_dir={out}/work",
+            f"synthesize.work_dir={out}/work",
             "--set",
-            f"synthesis.output_file={self.home}/{out}/accepted.jsonl",
+            f"synthesize.output_file={self.home}/{out}/accepted.jsonl",
             "--set",
-            f"synthesis.rejected_file={self.home}/{out}/rejected.jsonl",
+            f"synthesize.rejected_file={self.home}/{out}/rejected.jsonl",
         ]
 
     def compare(self, out: str) -> Tally:
@@ -367,7 +367,7 @@ class Clean(Scenario):
             "data",
             "clean",
             str(self.home / "in.jsonl"),
-            "--out",
+            "--output",
             str(self.home / out / "clean.jsonl"),
             "--quarantine",
             str(self.home / out / "quarantine.jsonl"),
@@ -414,7 +414,6 @@ class Convert(Scenario):
             "convert",
             "--dataset",
             "generic",
-            "--source",
             str(src),
             "--manifest",
             str(src / "manifest.csv"),
@@ -430,7 +429,7 @@ class Convert(Scenario):
             "MyFaces",
             "--images",
             "copy",
-            "--out",
+            "--output-dir",
             str(self.home / out),
             "--no-progress",
         ]
