@@ -262,29 +262,23 @@ def _norm_au(value: Any) -> str:
         if kind is bool or kind is float:
             raise UnknownLabelError(f"not an Action Unit code: {value!r} (expected e.g. AU4)")
         raise TypeError
-    key = (kind, value)
-    hit = _AU_CACHE.get(key)
-    if hit is None:
-        try:
-            hit = record_au(value)
-        except UnknownLabelError as exc:
-            hit = exc
-        if len(_AU_CACHE) < _CACHE_MAX:
-            _AU_CACHE[key] = hit
-    if isinstance(hit, UnknownLabelError):
-        raise hit
-    return hit
+    return _memo(_AU_CACHE, (kind, value), record_au, value)
 
 
 def _norm_label(value: str) -> str:
-    hit = _LABEL_CACHE.get(value)
+    return _memo(_LABEL_CACHE, value, normalize_emotion, value)
+
+
+def _memo(cache: dict, key: Any, normalize: Callable[[Any], str], value: Any) -> str:
+    """``normalize(value)`` remembered per key (its UnknownLabelError too), in a bounded cache."""
+    hit = cache.get(key)
     if hit is None:
         try:
-            hit = normalize_emotion(value)
+            hit = normalize(value)
         except UnknownLabelError as exc:
             hit = exc
-        if len(_LABEL_CACHE) < _CACHE_MAX:
-            _LABEL_CACHE[value] = hit
+        if len(cache) < _CACHE_MAX:
+            cache[key] = hit
     if isinstance(hit, UnknownLabelError):
         raise hit
     return hit
