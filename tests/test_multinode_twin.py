@@ -71,7 +71,8 @@ def home(tmp_path_factory):
 
 def _runner(root: Path, lines: list[str]) -> LocalRunner:
     exe = Path(sys.executable).parent / "facial-r1"
-    return LocalRunner(root, executable=exe, env={"FACIAL_R1_HOME": str(root)}, echo=lines.append)
+    env = {"FACIAL_R1_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    return LocalRunner(root, executable=exe, env=env, echo=lines.append)
 
 
 def _rank_lines(text: str, stage: str) -> set[str]:

@@ -32,7 +32,13 @@ from typing import Any
 
 from facial_r1_core.schema import atomic_write
 
-from ..launch import DISTRIBUTED_STAGES, free_port, is_distributed, launch_argv
+from ..launch import (
+    DISTRIBUTED_STAGES,
+    accelerate_config,
+    free_port,
+    is_distributed,
+    launch_argv,
+)
 from ..specs import StageSpec
 from .base import StageError, read_result
 from .ownership import owned, stop_process_group
@@ -112,13 +118,19 @@ class LocalRunner:
 
     def node_commands(self, spec: StageSpec, argv: list[str]) -> list[list[str]]:
         """One command per node: ``argv`` itself, or (a training stage whose resources ask for
-        ``nodes`` x ``processes`` > 1) a torchrun launcher per node on 127.0.0.1 with a free
-        port, built by the same :func:`~facial_r1_pipeline.launch.launch_argv` as the
-        Kubernetes path (CPU twin of a multi-node job: gloo, same stage command)."""
+        ``nodes`` x ``processes`` > 1, or more than one GPU) a launcher per node on 127.0.0.1
+        with a free port, built by the same :func:`~facial_r1_pipeline.launch.launch_argv` as
+        the Kubernetes path: torchrun, or accelerate launch when the stage's section names an
+        ``accelerate_config`` (CPU twin of a multi-node job: gloo, same stage command)."""
         if spec.command[:1] and spec.command[0] not in DISTRIBUTED_STAGES:
             return [argv]
         if not is_distributed(spec.resources):
             return [argv]
+        from facial_r1_core.config import load_profile
+
+        config_file = self._abs(spec.config)
+        profile = load_profile(config_file, spec.overrides, strict=False)
+        config = accelerate_config(profile, spec.command[0])  # DeepSpeed etc., as on Kubernetes
         python = str(self.executable.parent / "python")
         port = free_port()
         return [
@@ -129,6 +141,7 @@ class LocalRunner:
                     master_addr="127.0.0.1",
                     master_port=port,
                     python=python,
+                    accelerate_config=str(self._abs(config)) if config else None,
                 ),
                 *argv[1:],
             ]
