@@ -143,3 +143,73 @@ def test_two_node_twin_trains_and_only_rank0_writes(home, stage):
     model, _ = models.load_model_and_processor(on_disk["outputs"]["model"])
     assert sum(p.numel() for p in model.parameters()) > 0
     assert os.environ.get("RANK") is None  # nothing leaked into the test process
+
+
+DECIDE = """
+import sys
+from facial_r1_core.resume import StageStateError
+from facial_r1_training import distributed
+
+distributed.start(use_cpu=True)
+rank, size = distributed.world()
+print(f"rank {rank} of {size}: got {distributed.decide(lambda: 'rank 0 decided')}", flush=True)
+
+def refuse():
+    raise StageStateError("sft: runs/sft was made with other settings")
+
+try:
+    distributed.decide(refuse)
+except StageStateError as exc:
+    print(f"rank {rank} of {size}: StageStateError: {exc}", flush=True)
+    sys.exit(2)
+"""
+
+
+def test_rank0_decides_for_every_rank_and_its_refusal_reaches_them_all(tmp_path):
+    """What a resumed multi-process stage relies on: rank 0's decision (or its refusal, e.g. a
+    changed fingerprint) reaches every rank, so no worker waits for one that never comes."""
+    import subprocess
+
+    from facial_r1_pipeline.launch import free_port
+
+    script = tmp_path / "decide.py"
+    script.write_text(DECIDE, encoding="utf-8")
+    cmd = launch_argv(
+        Resources(processes=2),
+        node_rank=0,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        python=sys.executable,
+    )
+    assert cmd[-2:] == ["-m", "facial_r1_core.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd[:-2], str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    out = proc.stdout
+    assert proc.returncode != 0  # the workers exited 2, so the launcher fails the stage
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: got rank 0 decided" in out
+        assert f"rank {rank} of 2: StageStateError: sft: runs/sft was made" in out
+
+
+def test_a_failing_node_stops_the_others(home, tmp_path):
+    """A node that dies would leave the others waiting in the rendezvous: all are stopped."""
+    import time
+
+    from facial_r1_pipeline.runners.base import StageError
+
+    root, profile = home
+    runner = _runner(root, [])
+    runner.node_commands = lambda spec, argv: [["sleep", "60"], ["sh", "-c", "sleep 0.5; exit 3"]]
+    spec = StageSpec(
+        stage="sft",
+        command=("sft",),
+        config=str(profile),
+        result_path=str(tmp_path / "sft.json"),
+        resources=TWO_NODES,
+    )
+    started = time.monotonic()
+    with pytest.raises(StageError, match="exited with code"):
+        runner.run(spec)
+    assert time.monotonic() - started < 15

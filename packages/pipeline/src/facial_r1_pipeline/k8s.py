@@ -787,3 +787,26 @@ def render_run(
         obj = op.build_job_request_obj()
         obj.spec.template.metadata.labels.pop("airflow_kpo_in_cluster", None)
     return [serialize(obj), *companion_objects(spec, settings, profile)]
+
+
+def render_companions(
+    profile: Mapping[str, Any], profile_file: str
+) -> dict[str, list[dict[str, Any]]]:
+    """For ``make k8s-render``: every training stage of a profile that needs more than its
+    pod/job (multi-node, a vLLM server), rendered whole with placeholder paths and run ids."""
+    from .specs import STAGES
+
+    settings = KubeSettings.from_profile(profile)
+    out = {}
+    for stage in STAGES:
+        spec = StageSpec(
+            stage=stage,
+            command=(stage,),
+            config=profile_file,
+            overrides=(f"run.work_dir=runs/iterations/iter-001/{stage}",),
+            parent_run_id="0" * 32,
+            resources=stage_resources(profile, stage),
+        )
+        if needs_companions(spec, profile):
+            out[stage] = render_run(spec, settings, profile_file, profile)
+    return out
