@@ -229,6 +229,12 @@ def test_grpo_vllm_server_objects_are_consistent(repo):
     assert trainer_gpus == stage_resources(profile, "grpo").gpus == 6
     assert server_gpus == stage_resources(profile, "vllm_server").gpus == 2
     assert trainer_gpus + server_gpus == 8
+    quota = next(
+        d
+        for d in yaml.safe_load_all((repo / "infra/components/gpu-jobs/gpu-jobs.yaml").read_text())
+        if d["kind"] == "ResourceQuota"
+    )
+    assert trainer_gpus + server_gpus <= int(quota["spec"]["hard"]["requests.nvidia.com/gpu"])
     tp = int(_flag(server["args"], "--tensor_parallel_size"))
     dp = int(_flag(server["args"], "--data_parallel_size"))
     assert tp * dp == server_gpus
