@@ -501,7 +501,8 @@ def run_stage(
         if os.environ.get("FACIAL_R1_DEBUG"):
             traceback.print_exc()
         return EXIT_FAILED
-    print(json.dumps(result, sort_keys=True))
+    if process_rank() == 0:  # the other workers of a multi-process stage write no result
+        print(json.dumps(result, sort_keys=True))
     return EXIT_OK
 
 

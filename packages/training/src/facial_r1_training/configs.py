@@ -153,7 +153,7 @@ class GRPOStageConfig(TrainerCommon):
     vllm_tensor_parallel_size: int = checked(1, ge=1)
     vllm_enable_sleep_mode: bool = False
     # vllm_mode server: generation on a separate vLLM server (`trl vllm-serve`; on Kubernetes its
-    # own pod and GPUs, rendered by facial_r1_pipeline.k8s.render_vllm_server, whose Service name
+    # own pod and GPUs, rendered by facial_r1_pipeline.k8s.vllm_server_objects, whose Service name
     # the runner sets here); the trainer reaches it over HTTP and sends weights over NCCL
     vllm_server_host: str = ""
     vllm_server_port: int = checked(8000, ge=1, le=65535)

@@ -81,11 +81,3 @@ def decide(on_rank0: Callable[[], Any]) -> Any:
         except TypeError:
             raise RuntimeError(f"rank 0 failed: {message}") from None
     return value
-
-
-def barrier() -> None:
-    if active():
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()

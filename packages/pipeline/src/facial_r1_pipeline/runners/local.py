@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -203,7 +204,10 @@ class LocalRunner:
             proc = self._start(nodes[0], subprocess.PIPE)
             group = [proc, *others]
 
-            def stop_group() -> None:
+            def stop_group() -> None:  # SIGTERM every node first: one grace period for all
+                for p in group:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGTERM)
                 for p in group:
                     stop_process_group(p)
 
@@ -222,6 +226,9 @@ class LocalRunner:
                             stop_process_group(p)
                     codes = [p.wait() for p in others]
                     code = code or next((c for c in codes if c != 0), 0)
+                    for i, c in enumerate(codes, start=1):
+                        if c != 0:
+                            tail.append(f"(node {i} exited with code {c}: {log_path}.node{i})")
             except BaseException:
                 # The task is interrupted (timeout, Ctrl-C): SIGTERM the stage's process group
                 # (checkpoints already saved stay), SIGKILL what is left after a grace period.
