@@ -394,3 +394,42 @@ def test_rbac_lets_the_scheduler_manage_the_companions(repo):
         ("networking.k8s.io", "networkpolicies"),
     ]:
         assert (group, resource, "create") in verbs and (group, resource, "delete") in verbs
+
+
+def test_the_dag_wiring_carries_nodes_and_the_server_mode(repo):
+    """`--conf '{"overrides": ["resources.stages.sft.nodes=2"]}'` with the server profile: the
+    iteration's own specs become an Indexed Job and a GRPO job pointed at its vLLM server."""
+    from facial_r1_pipeline import iteration
+
+    overrides = ["resources.stages.sft.nodes=2"]
+    profile = load_profile(repo / SERVER_PROFILE, overrides)
+    ctx = {
+        "repo": str(repo),
+        "profile": SERVER_PROFILE,
+        "overrides": overrides,
+        "iteration": 2,
+        "run_key": "abcd1234",
+        "runner": "kubernetes",
+        "gpus": {},
+        "datasets": [],
+        "parent_run_id": "0" * 32,
+        "inputs": iteration.input_files(profile),
+        "train_file": iteration.input_files(profile)["seed_file"],
+    }
+    ctx["paths"] = iteration.iteration_paths(ctx)
+    runner = iteration.make_runner(ctx)
+    upstream = {s: {"outputs": {"model": f"runs/x/{s}/model"}} for s in ("sft", "grpo")}
+    sft = iteration.spec_for(ctx, "sft", upstream)
+    assert sft.resources.nodes == 2
+    (job, *companions) = k8s.render_run(sft, runner.settings, SERVER_PROFILE, runner.profile)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    assert {c["kind"] for c in companions} == {"Service", "NetworkPolicy"}
+    grpo = iteration.spec_for(ctx, "grpo", upstream)
+    objects = k8s.render_run(grpo, runner.settings, SERVER_PROFILE, runner.profile)
+    (deployment,) = _by_kind(objects, "Deployment")
+    server = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert _flag(server["args"], "--model") == "/workspace/runs/x/sft/model"  # the SFT model
+    (trainer,) = _by_kind(objects, "Job")
+    args = trainer["spec"]["template"]["spec"]["containers"][0]["args"]
+    _, host = k8s.vllm_server_address(grpo, runner.settings)
+    assert f"grpo.vllm_server_host={host}" in args
