@@ -433,3 +433,59 @@ def test_the_dag_wiring_carries_nodes_and_the_server_mode(repo):
     args = trainer["spec"]["template"]["spec"]["containers"][0]["args"]
     _, host = k8s.vllm_server_address(grpo, runner.settings)
     assert f"grpo.vllm_server_host={host}" in args
+
+
+def test_companion_client_uses_the_typed_apis(repo, monkeypatch):
+    """Create and delete go to the kubernetes client's typed APIs (methods that exist), in the
+    run's namespace; an object left by an earlier attempt (409) is reused, a gone one (404) is
+    fine to delete, anything else is an error."""
+    from facial_r1_pipeline.runners.kubernetes import CompanionClient
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    real = {n: getattr(client, n) for n in ("CoreV1Api", "AppsV1Api", "NetworkingV1Api")}
+    calls, status = [], {}
+
+    def fake(cls_name):
+        class Fake:
+            def __init__(self, api_client):
+                assert api_client == "api-client"
+
+            def __getattr__(self, method):
+                assert hasattr(real[cls_name], method), (cls_name, method)
+
+                def call(**kwargs):
+                    calls.append((cls_name, method, kwargs))
+                    if method in status:
+                        raise ApiException(status=status[method])
+
+                return call
+
+        return Fake
+
+    for name in real:
+        monkeypatch.setattr(client, name, fake(name))
+    profile = load_profile(repo / SERVER_PROFILE, ["resources.stages.grpo.nodes=2"])
+    settings = k8s.KubeSettings.from_profile(profile)
+    objects = k8s.companion_objects(_spec(profile, "grpo"), settings, profile)
+    companions = CompanionClient("api-client")
+    for obj in objects:
+        companions.create(obj)
+        companions.delete(obj)
+    methods = {(c, m) for c, m, _ in calls}
+    assert methods == {
+        ("NetworkingV1Api", "create_namespaced_network_policy"),
+        ("NetworkingV1Api", "delete_namespaced_network_policy"),
+        ("CoreV1Api", "create_namespaced_service"),
+        ("CoreV1Api", "delete_namespaced_service"),
+        ("AppsV1Api", "create_namespaced_deployment"),
+        ("AppsV1Api", "delete_namespaced_deployment"),
+    }
+    assert {kw["namespace"] for _, _, kw in calls} == {"facial-r1"}
+    status.update(create_namespaced_service=409, delete_namespaced_service=404)
+    service = next(o for o in objects if o["kind"] == "Service")
+    companions.create(service)
+    companions.delete(service)
+    status.update(create_namespaced_service=500)
+    with pytest.raises(ApiException):
+        companions.create(service)

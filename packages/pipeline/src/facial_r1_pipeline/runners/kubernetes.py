@@ -53,7 +53,16 @@ class CompanionClient:
         return getattr(api, f"{verb}_{suffix}")(namespace=obj["metadata"]["namespace"], **kwargs)
 
     def create(self, obj: Mapping[str, Any]) -> None:
-        self._call("create", obj, body=dict(obj))
+        """Create ``obj``; one left by an earlier attempt of the same run (same name, same
+        content: names derive from the run) is kept (a retried task reattaches to it)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._call("create", obj, body=dict(obj))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            log.info("%s %s exists already: reusing it", obj["kind"], obj["metadata"]["name"])
 
     def delete(self, obj: Mapping[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException
