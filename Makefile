@@ -133,6 +133,9 @@ k8s-render: setup-orchestrator ## render + validate (offline) the kustomize over
 	$(AVENV)/bin/kubernetes-validate --strict -k 1.32 build/k8s/*.yaml
 	FACIAL_R1_HOME=$(CURDIR) $(AVENV)/bin/facial-r1 pipeline render-k8s \
 		--config configs/qwen2.5-vl-7b.yaml --output-dir build/k8s/stages
+	FACIAL_R1_HOME=$(CURDIR) $(AVENV)/bin/facial-r1 pipeline render-k8s \
+		--config configs/qwen2.5-vl-7b-vllm-server.yaml --set resources.stages.sft.nodes=2 \
+		--output-dir build/k8s/stages-multinode
 
 figures: setup-trainer ## the README's figures table from the measured runs (record one: python benchmarks/report.py time make demo)
 	$(VENV)/bin/python benchmarks/report.py table

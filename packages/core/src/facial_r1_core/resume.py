@@ -158,12 +158,17 @@ class StageState:
     fingerprint: dict[str, Any]
     status: str
     result: dict[str, Any] | None = None
+    #: a worker of a multi-process stage other than rank 0: it follows rank 0's decision and
+    #: writes nothing
+    readonly: bool = False
 
     @property
     def done(self) -> bool:
         return self.status == "done"
 
     def _write(self, status: str, **extra: Any) -> None:
+        if self.readonly:
+            return
         data = {
             "version": STATE_VERSION,
             "stage": self.stage,

@@ -79,6 +79,28 @@ RESULT_KEYS = (
 )
 
 
+def process_rank() -> int:
+    """This process's global rank under a distributed launcher (torchrun and accelerate set
+    ``RANK``); 0 for a plain run. Only rank 0 writes the result file, the stage state and the
+    MLflow run: the other ranks train beside it and exit with its exit code.
+
+    >>> import os; os.environ.pop("RANK", None); process_rank()
+    0
+    """
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def process_count() -> int:
+    """``WORLD_SIZE`` under a distributed launcher, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
 def default_config_path() -> str:
     """``$FACIAL_R1_CONFIG`` or ``configs/tiny-cpu.yaml`` under the project home."""
     return os.environ.get("FACIAL_R1_CONFIG") or str(project_home() / DEFAULT_PROFILE)
@@ -300,7 +322,7 @@ class StageContext:
             mlflow.log_metric("wall_time_s", result["wall_time_s"])
             mlflow.log_dict(result, "result.json")
         target = result_path or (getattr(self.args, "result", None) if self.args else None)
-        if target:
+        if target and process_rank() == 0:
             with atomic_write(target) as handle:
                 json.dump(result, handle, indent=2, sort_keys=True)
                 handle.write("\n")
@@ -371,6 +393,9 @@ def stage_context(
     ctx = StageContext(
         stage=stage, section=section, profile=profile, config=typed, config_hash=chash, args=args
     )
+    if process_rank() != 0:
+        track = False  # one MLflow run per stage: rank 0's
+        log.info("%s: rank %d of %d", stage, process_rank(), process_count())
     mlflow = _mlflow(stage) if track and not getattr(args, "no_mlflow", False) else None
     if mlflow is None:
         yield ctx
@@ -476,7 +501,8 @@ def run_stage(
         if os.environ.get("FACIAL_R1_DEBUG"):
             traceback.print_exc()
         return EXIT_FAILED
-    print(json.dumps(result, sort_keys=True))
+    if process_rank() == 0:  # the other workers of a multi-process stage write no result
+        print(json.dumps(result, sort_keys=True))
     return EXIT_OK
 
 

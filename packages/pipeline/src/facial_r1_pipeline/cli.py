@@ -109,6 +109,20 @@ def _render(args) -> int:
             (out / f"{stage}.yaml").write_text(text, encoding="utf-8")
         else:
             print("---\n" + text)
+    # multi-node stages and GRPO's vLLM server: the whole run (job, Services, policy, server)
+    for stage, objects in k8s.render_companions(profile, args.config).items():
+        for obj in objects:
+            problems = k8s.validate_strict(obj, args.kubernetes_version)
+            if obj["kind"] == "Job":
+                problems += k8s.check_manifest(obj)
+            failed += bool(problems)
+            status = "ok" if not problems else "; ".join(problems)
+            print(f"{stage:11s} {obj['kind']} {obj['metadata']['name']} {status}", file=sys.stderr)
+        text = yaml.safe_dump_all(objects, sort_keys=False)
+        if args.output_dir:
+            (Path(args.output_dir) / f"{stage}-run.yaml").write_text(text, encoding="utf-8")
+        else:
+            print("---\n" + text)
     return 1 if failed else 0
 
 

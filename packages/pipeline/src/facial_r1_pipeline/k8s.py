@@ -397,3 +397,416 @@ def validate_strict(
         path = "/".join(str(p) for p in exc.path)
         return [f"{manifest.get('kind')} {path}: {exc.message}"]
     return []
+
+
+# --------------------------------------------------------------------------------------------
+# Past one node: an Indexed Job + headless Service for multi-node SFT/GRPO, and GRPO's vLLM
+# server (TRL's vllm_mode=server) on its own pod and GPUs. A stage with nodes = 1 and no vLLM
+# server renders exactly what :func:`render` renders (see :func:`render_run`).
+
+#: Label on every pod of one stage run that talks to its peers (the trainer job's pods and its
+#: vLLM server); its value names the run's Services and NetworkPolicy.
+GROUP_LABEL = "facial-r1/group"
+#: ``trainer`` (the Job's pods) or ``rollout`` (the vLLM server's pods).
+ROLE_LABEL = "facial-r1/role"
+#: Set by the Job controller on every pod of a Job (Kubernetes >= 1.27) / on Indexed Job pods.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+NODE_RANK_ENV = "FACIAL_R1_NODE_RANK"
+JOB_NAME_ENV = "FACIAL_R1_JOB_NAME"
+VLLM_HEALTH_PATH = "/health"
+
+
+def vllm_server_mode(profile: Mapping[str, Any], stage: str) -> bool:
+    """True when the stage is GRPO with ``use_vllm`` and ``vllm_mode: server``."""
+    section = (profile or {}).get(stage) or {}
+    return (
+        stage == "grpo"
+        and bool(section.get("use_vllm"))
+        and str(section.get("vllm_mode", "colocate")) == "server"
+    )
+
+
+def needs_companions(spec: StageSpec, profile: Mapping[str, Any]) -> bool:
+    """Whether the stage run needs more than its pod/job (multi-node or a vLLM server)."""
+    return spec.resources.nodes > 1 or vllm_server_mode(profile, spec.command[0])
+
+
+def group_name(spec: StageSpec) -> str:
+    """A DNS-1035 name unique to one stage run (stage + a hash of its command and parent run):
+    the headless Service, the vLLM Service/Deployment and the NetworkPolicy derive from it.
+
+    >>> group_name(StageSpec(stage="sft", command=("sft",), config="c.yaml"))[:14]
+    'facial-r1-sft-'
+    """
+    import hashlib
+
+    blob = "\0".join([spec.stage, *spec.command, *spec.overrides, spec.parent_run_id or ""])
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return f"facial-r1-{spec.stage.replace('_', '-')}-{digest}"
+
+
+def _override(spec: StageSpec, key: str) -> str | None:
+    for item in reversed(spec.overrides):
+        name, _, value = item.partition("=")
+        if name.strip() == key:
+            return value
+    return None
+
+
+def _in_workspace(path: str, settings: KubeSettings) -> str:
+    if path.startswith(("/", "models:/", "runs:/")) or path.count("/") == 1:
+        return path  # absolute, a registry URI or a hub id (owner/name)
+    return str(PurePosixPath(settings.workspace_mount) / path)
+
+
+def vllm_server_address(spec: StageSpec, settings: KubeSettings) -> tuple[str, str]:
+    """(Service name, the DNS name the trainer uses) of the run's vLLM server."""
+    name = f"{group_name(spec)}-vllm"
+    return name, f"{name}.{settings.namespace}.svc"
+
+
+def with_vllm_server(spec: StageSpec, settings: KubeSettings, profile: Mapping[str, Any]):
+    """The GRPO spec pointed at its vLLM server's Service (server mode), else ``spec``."""
+    if not vllm_server_mode(profile, spec.command[0]):
+        return spec
+    _, host = vllm_server_address(spec, settings)
+    port = int(((profile.get("grpo") or {}).get("vllm_server_port")) or 8000)
+    extra = (f"grpo.vllm_server_host={host}", f"grpo.vllm_server_port={port}")
+    return dataclasses.replace(spec, overrides=(*spec.overrides, *extra))
+
+
+def _group_labels(spec: StageSpec, role: str) -> dict[str, str]:
+    return {GROUP_LABEL: group_name(spec), ROLE_LABEL: role}
+
+
+def build_run_operator(
+    spec: StageSpec,
+    settings: KubeSettings,
+    profile_file: str,
+    profile: Mapping[str, Any],
+    *,
+    kubernetes_conn_id: str | bool | None = False,
+):
+    """The operator of a stage run: :func:`build_operator` when nothing more is needed, else
+    the trainer Job (an Indexed Job of ``nodes`` pods, torchrun/accelerate per pod, when
+    ``nodes`` > 1) labelled for its peers, with GRPO pointed at its vLLM server."""
+    if not needs_companions(spec, profile):
+        return build_operator(spec, settings, profile_file, kubernetes_conn_id=kubernetes_conn_id)
+    from .launch import accelerate_config, launch_argv
+
+    labels = _group_labels(spec, "trainer")
+    group = group_name(spec)  # of the spec as given (the runner names its companions so)
+    spec = with_vllm_server(spec, settings, profile)
+    res = spec.resources
+    kwargs = pod_parts(spec, settings, profile_file)
+    if kubernetes_conn_id is not False:
+        kwargs["kubernetes_conn_id"] = kubernetes_conn_id
+    kwargs["labels"] = {**kwargs["labels"], **labels}
+    job_kwargs: dict[str, Any] = {}
+    if res.nodes > 1:
+        if res.kind != "job":
+            raise K8sConfigError(
+                f"resources.stages.{spec.stage}: nodes {res.nodes} needs kind: job "
+                "(an Indexed Job, one pod per node)"
+            )
+        k8s = _k8s()
+        master = f"$({JOB_NAME_ENV})-0.{group}.{settings.namespace}.svc"
+        config = accelerate_config(profile, spec.command[0])
+        if config and config.startswith("configs/"):
+            config = f"{settings.config_dir.rstrip('/')}/{config[len('configs/') :]}"
+        kwargs["cmds"] = launch_argv(
+            res,
+            node_rank=f"$({NODE_RANK_ENV})",
+            master_addr=master,
+            master_port=res.rdzv_port,
+            accelerate_config=config,
+        )
+        kwargs["env_vars"] = [
+            *kwargs["env_vars"],
+            k8s.V1EnvVar(
+                name=NODE_RANK_ENV,
+                value_from=k8s.V1EnvVarSource(
+                    field_ref=k8s.V1ObjectFieldSelector(
+                        field_path=f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+                    )
+                ),
+            ),
+            k8s.V1EnvVar(
+                name=JOB_NAME_ENV,
+                value_from=k8s.V1EnvVarSource(
+                    field_ref=k8s.V1ObjectFieldSelector(
+                        field_path=f"metadata.labels['{JOB_NAME_LABEL}']"
+                    )
+                ),
+            ),
+        ]
+        kwargs["subdomain"] = group
+        kwargs["ports"] = [
+            k8s.V1ContainerPort(name="rendezvous", container_port=res.rdzv_port, protocol="TCP")
+        ]
+        job_kwargs = {"completion_mode": "Indexed", "completions": res.nodes}
+    from airflow.providers.cncf.kubernetes.operators.job import KubernetesJobOperator
+
+    return KubernetesJobOperator(
+        backoff_limit=0,
+        ttl_seconds_after_finished=settings.job_ttl_s,
+        wait_until_job_complete=True,
+        parallelism=res.nodes,
+        **job_kwargs,
+        **kwargs,
+    )
+
+
+def rendezvous_service(spec: StageSpec, settings: KubeSettings) -> dict[str, Any]:
+    """The headless Service whose name is the trainer pods' ``subdomain``: pod ``i`` of the
+    Indexed Job resolves as ``<job>-<i>.<service>.<namespace>.svc``."""
+    group = group_name(spec)
+    port = spec.resources.rdzv_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": group,
+            "namespace": settings.namespace,
+            "labels": {"app.kubernetes.io/name": "facial-r1", GROUP_LABEL: group},
+        },
+        "spec": {
+            "clusterIP": "None",
+            # DNS records exist before the pods are ready: node 0 is the rendezvous itself
+            "publishNotReadyAddresses": True,
+            "selector": _group_labels(spec, "trainer"),
+            "ports": [{"name": "rendezvous", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
+def peers_network_policy(spec: StageSpec, settings: KubeSettings) -> dict[str, Any]:
+    """Lets the run's own pods (trainer pods, vLLM server) reach each other and nothing else.
+
+    All TCP ports: the rendezvous is one port, but NCCL and gloo open further connections on
+    ports the OS picks, and the vLLM weight sync uses NCCL too. The namespace's default deny
+    stays in force for every other pod.
+    """
+    group = group_name(spec)
+
+    def peers() -> dict[str, Any]:
+        return {"podSelector": {"matchLabels": {GROUP_LABEL: group}}}
+
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"{group}-peers",
+            "namespace": settings.namespace,
+            "labels": {"app.kubernetes.io/name": "facial-r1", GROUP_LABEL: group},
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {GROUP_LABEL: group}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [peers()]}],
+            "egress": [{"to": [peers()]}],
+        },
+    }
+
+
+def vllm_server_objects(
+    spec: StageSpec, settings: KubeSettings, profile: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """GRPO's rollout server (``trl vllm-serve``) as a Deployment + ClusterIP Service.
+
+    GPUs from ``resources.stages.vllm_server`` (requests = limits); tensor parallel size from
+    ``grpo.vllm_tensor_parallel_size``, data parallel = GPUs / that; the model is GRPO's start
+    model on the workspace volume (TRL sends the trained weights to it every step). Ready when
+    its ``/health`` answers 200, which is also what the trainer waits for.
+    """
+    from .specs import stage_resources
+
+    grpo = profile.get("grpo") or {}
+    res = stage_resources(profile, "vllm_server")
+    if res.gpus < 1:
+        raise K8sConfigError("resources.stages.vllm_server.gpus: the vLLM server needs >= 1 GPU")
+    tp = int(grpo.get("vllm_tensor_parallel_size") or 1)
+    if res.gpus % tp:
+        raise K8sConfigError(
+            f"resources.stages.vllm_server.gpus {res.gpus} is not a multiple of "
+            f"grpo.vllm_tensor_parallel_size {tp}"
+        )
+    port = int(grpo.get("vllm_server_port") or 8000)
+    model = _override(spec, "grpo.base_model") or grpo.get("base_model")
+    if not model:
+        sft = profile.get("sft") or {}
+        model = sft.get("model_dir") or f"{sft.get('output_dir') or 'runs/sft'}/model"
+    model = _in_workspace(str(model), settings)
+    name, _ = vllm_server_address(spec, settings)
+    labels = {
+        "app.kubernetes.io/name": "facial-r1",
+        "app.kubernetes.io/component": "vllm-rollout",
+        **_group_labels(spec, "rollout"),
+    }
+    amounts = {"cpu": res.cpu, "memory": res.memory, GPU: str(res.gpus)}
+    if res.ephemeral_storage:
+        amounts["ephemeral-storage"] = res.ephemeral_storage
+    mount = settings.workspace_mount
+    args = [
+        "vllm-serve",
+        "--model",
+        model,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--tensor_parallel_size",
+        str(tp),
+        "--data_parallel_size",
+        str(res.gpus // tp),
+        "--gpu_memory_utilization",
+        str(grpo.get("vllm_gpu_memory_utilization") or 0.9),
+        "--dtype",
+        str((profile.get("model") or {}).get("dtype") or "auto"),
+    ]
+    pod = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "serviceAccountName": settings.service_account,
+            "automountServiceAccountToken": False,
+            "nodeSelector": dict(settings.gpu_node_selector),
+            "tolerations": [dict(t) for t in settings.gpu_tolerations],
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": settings.run_as_user,
+                "runAsGroup": settings.run_as_user,
+                "fsGroup": settings.run_as_user,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "vllm",
+                    "image": settings.image,
+                    "imagePullPolicy": settings.image_pull_policy,
+                    "command": ["trl"],
+                    "args": args,
+                    "env": [
+                        {"name": "HOME", "value": "/tmp"},
+                        {"name": "HF_HOME", "value": f"{mount}/.cache/huggingface"},
+                        {"name": "DO_NOT_TRACK", "value": "1"},
+                    ],
+                    "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+                    "readinessProbe": {
+                        "httpGet": {"path": VLLM_HEALTH_PATH, "port": "http"},
+                        "periodSeconds": 10,
+                        "failureThreshold": 3,
+                    },
+                    "startupProbe": {  # loading a 7B model takes minutes
+                        "httpGet": {"path": VLLM_HEALTH_PATH, "port": "http"},
+                        "periodSeconds": 10,
+                        "failureThreshold": 90,
+                    },
+                    "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "runAsNonRoot": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [
+                        {"name": "workspace", "mountPath": mount},
+                        {"name": "dshm", "mountPath": "/dev/shm"},
+                        {"name": "tmp", "mountPath": "/tmp"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {
+                    "name": "workspace",
+                    "persistentVolumeClaim": {"claimName": settings.workspace_pvc},
+                },
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    }
+
+    def meta() -> dict[str, Any]:
+        return {"name": name, "namespace": settings.namespace, "labels": dict(labels)}
+
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": _group_labels(spec, "rollout")},
+            "template": pod,
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _group_labels(spec, "rollout"),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return [deployment, service]
+
+
+def companion_objects(
+    spec: StageSpec, settings: KubeSettings, profile: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """What a stage run needs beside its pod/job, in creation order (none for one node without
+    a vLLM server): the peers' NetworkPolicy, the headless Service, the vLLM server."""
+    if not needs_companions(spec, profile):
+        return []
+    objects = [peers_network_policy(spec, settings)]
+    if spec.resources.nodes > 1:
+        objects.append(rendezvous_service(spec, settings))
+    if vllm_server_mode(profile, spec.command[0]):
+        objects.extend(vllm_server_objects(spec, settings, profile))
+    return objects
+
+
+def render_run(
+    spec: StageSpec, settings: KubeSettings, profile_file: str, profile: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Everything the Kubernetes runner submits for one stage run, built offline: the trainer
+    pod/job first, then :func:`companion_objects`. With nodes = 1 and no vLLM server this is
+    exactly ``[render(spec, settings, profile_file)]``."""
+    if not needs_companions(spec, profile):
+        return [render(spec, settings, profile_file)]
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig") as handle:
+        handle.write(_OFFLINE_KUBECONFIG)
+        handle.flush()
+        op = build_run_operator(spec, settings, profile_file, profile, kubernetes_conn_id=None)
+        op.config_file = handle.name
+        op.in_cluster = False
+        obj = op.build_job_request_obj()
+        obj.spec.template.metadata.labels.pop("airflow_kpo_in_cluster", None)
+    return [serialize(obj), *companion_objects(spec, settings, profile)]
+
+
+def render_companions(
+    profile: Mapping[str, Any], profile_file: str
+) -> dict[str, list[dict[str, Any]]]:
+    """For ``make k8s-render``: every training stage of a profile that needs more than its
+    pod/job (multi-node, a vLLM server), rendered whole with placeholder paths and run ids."""
+    from .specs import STAGES
+
+    settings = KubeSettings.from_profile(profile)
+    out = {}
+    for stage in STAGES:
+        spec = StageSpec(
+            stage=stage,
+            command=(stage,),
+            config=profile_file,
+            overrides=(f"run.work_dir=runs/iterations/iter-001/{stage}",),
+            parent_run_id="0" * 32,
+            resources=stage_resources(profile, stage),
+        )
+        if needs_companions(spec, profile):
+            out[stage] = render_run(spec, settings, profile_file, profile)
+    return out

@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from facial_r1_core.config import checked, range_problem
+
 #: The training stages of one iteration, in DAG order (prepare_data / version_data / promote are
 #: pipeline steps, not trainer commands).
 STAGES = ("sft", "grpo", "synthesize", "filter", "evaluate")
@@ -37,6 +39,9 @@ STAGE_SECTION = {
     "filter": "filter",
     "evaluate": "evaluate",
 }
+
+#: Most nodes one training stage may span (a guard against a typo such as ``nodes: 80``).
+MAX_NODES = 64
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 
@@ -56,10 +61,32 @@ class Resources:
     ephemeral_storage: str = ""
     kind: str = "pod"  # pod | job
     active_deadline_s: int = 0  # 0 = none
+    #: multi-process training (SFT, GRPO): ``nodes`` pods (an Indexed Job on Kubernetes, that many
+    #: torchrun agents locally), each running ``processes`` workers (0 = one per GPU, or one
+    #: without GPUs); ``rdzv_port`` is the rendezvous port of node 0. 1 node x 1 process = no
+    #: launcher, exactly as before.
+    nodes: int = checked(1, ge=1, le=MAX_NODES)
+    processes: int = checked(0, ge=0, le=64)
+    rdzv_port: int = checked(29500, ge=1024, le=65535)
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or self.gpus < 0:
             raise SpecError(f"resources.gpus must be a non-negative integer, got {self.gpus!r}")
+        for f in dataclasses.fields(self):
+            spec = f.metadata.get("range")
+            if not spec:
+                continue
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(f"resources.{f.name} must be an integer, got {value!r}")
+            problem = range_problem(value, spec)
+            if problem:
+                raise SpecError(f"resources.{f.name}: {problem}")
+        if self.gpus and self.processes not in (0, self.gpus):
+            raise SpecError(
+                f"resources.processes: {self.processes} on a node of {self.gpus} GPUs; one process "
+                "per GPU (leave it 0)"
+            )
         for name in ("cpu", "memory", "shm"):
             value = str(getattr(self, name))
             if not _QUANTITY.match(value):
@@ -89,8 +116,14 @@ def stage_resources(profile: Mapping[str, Any], stage: str, gpus: int | None = N
     }
     if "gpus" in values:
         values["gpus"] = int(values["gpus"])
-    if "active_deadline_s" in values:
-        values["active_deadline_s"] = int(values["active_deadline_s"])
+    for key in ("active_deadline_s", "nodes", "processes", "rdzv_port"):
+        if key in values and not isinstance(values[key], bool):
+            try:
+                values[key] = int(values[key])
+            except (TypeError, ValueError):
+                raise SpecError(
+                    f"resources.stages.{stage}.{key}: expected an integer, got {values[key]!r}"
+                ) from None
     return Resources(**values)
 
 

@@ -152,6 +152,13 @@ class GRPOStageConfig(TrainerCommon):
     vllm_gpu_memory_utilization: float = checked(0.3, gt=0, le=1)
     vllm_tensor_parallel_size: int = checked(1, ge=1)
     vllm_enable_sleep_mode: bool = False
+    # vllm_mode server: generation on a separate vLLM server (`trl vllm-serve`; on Kubernetes its
+    # own pod and GPUs, rendered by facial_r1_pipeline.k8s.vllm_server_objects, whose Service name
+    # the runner sets here); the trainer reaches it over HTTP and sends weights over NCCL
+    vllm_server_host: str = ""
+    vllm_server_port: int = checked(8000, ge=1, le=65535)
+    vllm_server_timeout: float = checked(240.0, gt=0)  # seconds to wait for the server
+    vllm_group_port: int = checked(51216, ge=1024, le=65535)  # weight-sync group (trainer side)
     log_completions: bool = False
     log_model: bool = True  # log the final model to MLflow as a pyfunc (what the registry holds)
     rollout_engine: str = "trl"  # trl (model.generate / vLLM) | continuous (our decoder)

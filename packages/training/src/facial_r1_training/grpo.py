@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .configs import REWARD_NAMES, GRPOStageConfig, SFTStageConfig
 from .data import grpo_rows, load_records, to_dataset
 from .grpo_diagnostics import WeightChange, heldout_reward, split_heldout, summary_metrics
@@ -82,6 +83,38 @@ def default_base_model(ctx) -> str:
             "first, or set grpo.base_model (or --model)"
         )
     return str(path)
+
+
+def vllm_arguments(cfg: GRPOStageConfig) -> dict[str, Any]:
+    """The GRPOConfig fields of the profile's vLLM keys (the one place they are mapped).
+
+    ``use_vllm`` false: generation with the trained model itself. ``vllm_mode`` colocate: vLLM
+    inside every training process, sharing its GPU. ``vllm_mode`` server: a separate server
+    (``trl vllm-serve`` / ``vllm serve``) at ``vllm_server_host:vllm_server_port``; its size and
+    memory share are the server's own flags, so only the connection settings go to the trainer.
+    """
+    if not cfg.use_vllm:
+        return {"use_vllm": False}
+    args: dict[str, Any] = {"use_vllm": True, "vllm_mode": cfg.vllm_mode}
+    if cfg.vllm_mode == "colocate":
+        args.update(
+            vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            vllm_enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+        )
+        return args
+    if not cfg.vllm_server_host:
+        raise ValueError(
+            "grpo.vllm_mode=server needs grpo.vllm_server_host: the vLLM server's address "
+            "(the Kubernetes runner sets its Service's DNS name)"
+        )
+    args.update(
+        vllm_server_host=cfg.vllm_server_host,
+        vllm_server_port=cfg.vllm_server_port,
+        vllm_server_timeout=cfg.vllm_server_timeout,
+        vllm_group_port=cfg.vllm_group_port,
+    )
+    return args
 
 
 def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,13 +172,7 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         use_vllm=cfg.use_vllm,
         log_completions=cfg.log_completions,
     )
-    if cfg.use_vllm:
-        targs.update(
-            vllm_mode=cfg.vllm_mode,
-            vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            vllm_enable_sleep_mode=cfg.vllm_enable_sleep_mode,
-        )
+    targs.update(vllm_arguments(cfg))
     targs.update(cfg.trainer_kwargs)
     grpo_args = GRPOConfig(**targs)
 
@@ -202,6 +229,8 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     diagnostics_time = time.time() - t0 - train_time + (t0 - t_held)
     steps = int(trainer.state.global_step)
     s_per_step = callback.seconds_per_step(steps)
+    rank, world = distributed.world()
+    log.info("grpo: rank %d of %d trained %d steps", rank, world, steps)
     save_final(
         trainer,
         processor,
@@ -244,6 +273,7 @@ def run_grpo(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         "diagnostics_time_s": round(diagnostics_time, 3),
         "samples": len(train_items),
         "heldout_samples": len(held_items),
+        "world_size": world,
     }
     for key, name in [
         ("reward", "mean_reward"),

@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any
 
+from . import distributed
 from .configs import SFTStageConfig
 from .data import SFTCollator, load_records, sft_rows, to_dataset
 from .trainer_common import (
@@ -115,6 +116,8 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     train_time = time.time() - t0
     steps = int(trainer.state.global_step)
     s_per_step = callback.seconds_per_step(steps)
+    rank, world = distributed.world()
+    log.info("sft: rank %d of %d trained %d steps", rank, world, steps)
 
     save_final(
         trainer,
@@ -143,6 +146,7 @@ def run_sft(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         "train_time_s": round(train_time, 3),
         "hinted_share": round(collator.hinted_share, 4),
         "samples": len(items),
+        "world_size": world,
         "collator_cache_hits": collator.cache_hits,
         "collator_cache_misses": collator.cache_misses,
         "collator_cache_mb": round(collator.cached_bytes / 2**20, 1),

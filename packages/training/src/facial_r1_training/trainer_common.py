@@ -93,6 +93,30 @@ def begin_training(ctx, cfg: TrainerCommon, *, base: str, files: list[Path]):
     the state: ``done`` (return ``state.result``), ``resume`` (from the newest checkpoint) or
     ``new`` (checkpoints of an earlier run are removed first).
     """
+    from . import distributed
+
+    out = output_paths(ctx, cfg)[0]
+    distributed.start(cfg.use_cpu)
+    if distributed.active():
+        # rank 0 decides (and clears old checkpoints) while the others wait; they follow it
+        from facial_r1_core.resume import STATE_FILE, StageState
+
+        mine: dict[str, Any] = {}
+
+        def decide():
+            mine["state"] = _begin_training(ctx, cfg, base=base, files=files)
+            return mine["state"].status, mine["state"].result
+
+        status, result = distributed.decide(decide)
+        rank, size = distributed.world()
+        log.info("%s: rank %d of %d: %s", ctx.stage, rank, size, status)
+        if "state" in mine:
+            return mine["state"]
+        return StageState(ctx.stage, out / STATE_FILE, {}, status, result, readonly=True)
+    return _begin_training(ctx, cfg, base=base, files=files)
+
+
+def _begin_training(ctx, cfg: TrainerCommon, *, base: str, files: list[Path]):
     out, ckpt_dir, _ = output_paths(ctx, cfg)
     fresh = not cfg.resume
     model = dataclasses.asdict(model_section(ctx))

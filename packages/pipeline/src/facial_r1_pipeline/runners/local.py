@@ -19,9 +19,11 @@ Resume rules, so that Airflow retries and re-runs neither redo nor corrupt work:
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +33,13 @@ from typing import Any
 
 from facial_r1_core.schema import atomic_write
 
+from ..launch import (
+    DISTRIBUTED_STAGES,
+    accelerate_config,
+    free_port,
+    is_distributed,
+    launch_argv,
+)
 from ..specs import StageSpec
 from .base import StageError, read_result
 from .ownership import owned, stop_process_group
@@ -108,6 +117,52 @@ class LocalRunner:
             return None
         return {**result, "cached": True}
 
+    def node_commands(self, spec: StageSpec, argv: list[str]) -> list[list[str]]:
+        """One command per node: ``argv`` itself, or (a training stage whose resources ask for
+        ``nodes`` x ``processes`` > 1, or more than one GPU) a launcher per node on 127.0.0.1
+        with a free port, built by the same :func:`~facial_r1_pipeline.launch.launch_argv` as
+        the Kubernetes path: torchrun, or accelerate launch when the stage's section names an
+        ``accelerate_config`` (CPU twin of a multi-node job: gloo, same stage command)."""
+        if spec.command[:1] and spec.command[0] not in DISTRIBUTED_STAGES:
+            return [argv]
+        if not is_distributed(spec.resources):
+            return [argv]
+        from facial_r1_core.config import load_profile
+
+        config_file = self._abs(spec.config)
+        profile = load_profile(config_file, spec.overrides, strict=False)
+        config = accelerate_config(profile, spec.command[0])  # DeepSpeed etc., as on Kubernetes
+        python = str(self.executable.parent / "python")
+        port = free_port()
+        return [
+            [
+                *launch_argv(
+                    spec.resources,
+                    node_rank=rank,
+                    master_addr="127.0.0.1",
+                    master_port=port,
+                    python=python,
+                    accelerate_config=str(self._abs(config)) if config else None,
+                ),
+                *argv[1:],
+            ]
+            for rank in range(spec.resources.nodes)
+        ]
+
+    def _start(self, argv: list[str], stdout) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            argv,
+            cwd=self.repo,
+            env=self.environment(),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            errors="replace",
+            start_new_session=True,  # its own process group: killed whole on task kill
+        )
+        return proc
+
     def run(self, spec: StageSpec, context: Any = None) -> dict[str, Any]:
         """Run (or reuse) the stage; returns its result dict, raises StageError on failure."""
         if not self.executable.exists():
@@ -131,25 +186,34 @@ class LocalRunner:
         if result_file.exists():
             result_file.replace(result_file.with_name(result_file.name + ".previous"))
         argv = spec.argv(str(self.executable), result_path=str(result_file))
-        self.echo(f"[{spec.stage}] $ {' '.join(argv)}")
+        nodes = self.node_commands(spec, argv)
+        self.echo(f"[{spec.stage}] $ {' '.join(nodes[0])}")
         started = time.monotonic()
         tail: collections.deque[str] = collections.deque(maxlen=40)
         log_path = result_file.with_name(result_file.name + ".log")
-        with open(log_path, "a", encoding="utf-8") as log_file:
-            log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} $ {' '.join(argv)}\n")
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.repo,
-                env=self.environment(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                errors="replace",
-                start_new_session=True,  # its own process group: killed whole on task kill
-            )
+        with open(log_path, "a", encoding="utf-8") as log_file, contextlib.ExitStack() as logs:
+            log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} $ {' '.join(nodes[0])}\n")
+            # node 0 streams to the task log; the other nodes (multi-node launches) to their own
+            # log files next to it
+            others = [
+                self._start(
+                    cmd, logs.enter_context(open(f"{log_path}.node{i}", "a", encoding="utf-8"))
+                )
+                for i, cmd in enumerate(nodes[1:], start=1)
+            ]
+            proc = self._start(nodes[0], subprocess.PIPE)
+            group = [proc, *others]
+
+            def stop_group() -> None:  # SIGTERM every node first: one grace period for all
+                for p in group:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGTERM)
+                for p in group:
+                    stop_process_group(p)
+
+            watcher = _watch_nodes(others, stop_group)
             try:
-                with owned(f"{spec.stage} (pid {proc.pid})", lambda: stop_process_group(proc)):
+                with owned(f"{spec.stage} (pid {proc.pid})", stop_group):
                     assert proc.stdout is not None
                     for line in proc.stdout:
                         line = line.rstrip("\n")
@@ -157,11 +221,22 @@ class LocalRunner:
                         log_file.write(line + "\n")
                         self.echo(f"[{spec.stage}] {line}")
                     code = proc.wait()
+                    if code != 0:
+                        for p in others:
+                            stop_process_group(p)
+                    codes = [p.wait() for p in others]
+                    code = code or next((c for c in codes if c != 0), 0)
+                    for i, c in enumerate(codes, start=1):
+                        if c != 0:
+                            tail.append(f"(node {i} exited with code {c}: {log_path}.node{i})")
             except BaseException:
                 # The task is interrupted (timeout, Ctrl-C): SIGTERM the stage's process group
                 # (checkpoints already saved stay), SIGKILL what is left after a grace period.
-                stop_process_group(proc)
+                stop_group()
                 raise
+            finally:
+                if watcher is not None:
+                    watcher.join(timeout=1)
         elapsed = time.monotonic() - started
         if code != 0:
             raise StageError(
@@ -177,6 +252,27 @@ class LocalRunner:
         with atomic_write(marker) as handle:
             json.dump({"fingerprint": self.fingerprint(spec), "argv": argv}, handle, indent=2)
         return result
+
+
+def _watch_nodes(others: list[subprocess.Popen], stop: Callable[[], None]):
+    """A thread that stops every node as soon as one of ``others`` fails (a dead node would
+    leave the rest waiting in the rendezvous or a collective)."""
+    if not others:
+        return None
+    import threading
+
+    def watch() -> None:
+        while any(p.poll() is None for p in others):
+            if any(p.returncode not in (None, 0) for p in others):
+                stop()
+                return
+            time.sleep(0.2)
+        if any(p.returncode != 0 for p in others):
+            stop()
+
+    thread = threading.Thread(target=watch, name="node-watcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def _echo(line: str) -> None:
