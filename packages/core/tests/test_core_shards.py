@@ -12,8 +12,8 @@ from facial_r1_core.shards import (
     check_coverage,
     count_positions,
     shard_bounds,
+    shard_dir,
     shard_of,
-    shard_path,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -54,7 +54,7 @@ def test_bad_shard_numbers_and_names(tmp_path):
     for shard, shards in ((2, 2), (-1, 2), (0, 0), (0, MAX_SHARDS + 1), (True, 2)):
         with pytest.raises(ShardError):
             shard_bounds(10, shard, shards)
-    assert shard_path("data/a_synth.jsonl", 0, 2) == "data/a_synth.shard-0-of-2.jsonl"
+    assert shard_dir("runs/synthesis", 0, 2) == "runs/synthesis/shard-0-of-2"
     path = tmp_path / "x.jsonl"
     path.write_text('{"a": 1}\n\n  \nnot json\n{"b": 2}\n')
     assert count_positions(path) == 3 and count_positions(path, limit=2) == 2

@@ -142,7 +142,9 @@ def test_merge_refuses_missing_shard_and_duplicated_record(tmp_path, pool):
 
     # shard 1 never finished: its output is missing
     acc1.unlink()
-    with pytest.raises(ShardMergeError, match=r"shard 1 of 2: output missing: .*shard-1-of-2"):
+    with pytest.raises(
+        ShardMergeError, match=r"shard 1 of 2: output missing: .*shard-1-of-2/synth.jsonl"
+    ):
         synthesis.merge(two, model_id="m")
     assert merged.read_bytes() == before  # nothing written by a refused merge
 
@@ -228,8 +230,9 @@ def test_tiny_model_sharded_evaluation_equals_one_shard(tmp_path, tiny_model):
     gone = json.loads(lines[7])
     (test_file.parent / gone["dataset"] / gone["image"]).unlink()
 
+    backend = create_backend("transformers", tiny_model, batch_size=4, max_new_tokens=10)
+
     def run(cfg, out):
-        backend = create_backend("transformers", tiny_model, batch_size=4, max_new_tokens=10)
         return evaluation.evaluate(
             cfg,
             backend,

@@ -9,16 +9,16 @@ concatenated in shard order are in the 1-shard run's order. A shard still reads 
 (the one reader checks ids across the whole file, and each record keeps its line number, from
 which its sampling seed is derived), and skips the records outside its range.
 
-Each shard writes its own files, named from the stage's final outputs by :func:`shard_path`
-(``<stem>.shard-1-of-4<suffix>``) and :func:`shard_dir`, so it resumes on its own; the merge
+Each shard writes its own files in its own folder (:func:`shard_dir`: ``<folder>/shard-1-of-4``),
+so it resumes on its own; the merge
 (``--merge``) checks with :func:`check_coverage` that every input record appears in exactly one
 shard's output, in the shard whose range holds it, and that no shard names a record the input
 does not hold, before it writes anything.
 
 >>> [shard_bounds(10, i, 3) for i in range(3)]
 [(0, 3), (3, 6), (6, 10)]
->>> shard_path("data/x_synth.jsonl", 1, 4)
-'data/x_synth.shard-1-of-4.jsonl'
+>>> shard_dir("runs/synthesis", 1, 4)
+'runs/synthesis/shard-1-of-4'
 """
 
 from __future__ import annotations
@@ -86,12 +86,6 @@ def shard_name(shard: int, shards: int) -> str:
     """``shard-1-of-4``: the tag in a shard's file and folder names."""
     check_shard(shard, shards)
     return f"shard-{shard}-of-{shards}"
-
-
-def shard_path(path: str | os.PathLike, shard: int, shards: int) -> str:
-    """Shard ``shard``'s file for a stage output ``path`` (same folder, tagged stem)."""
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}.{shard_name(shard, shards)}{p.suffix}"))
 
 
 def shard_dir(folder: str | os.PathLike, shard: int, shards: int) -> str:

@@ -55,7 +55,6 @@ from facial_r1_core.shards import (
     count_positions,
     shard_bounds,
     shard_dir,
-    shard_path,
 )
 
 from .generation import GenerationBackend, GenerationRequest, load_image, sample_seed
@@ -596,8 +595,9 @@ def default_output_paths(input_file: str | os.PathLike) -> tuple[Path, Path]:
 
 def output_paths(cfg: SynthesisConfig, shard: int | None = None) -> tuple[Path, Path, Path]:
     """(accepted file, rejected file, work folder) of a run, or of shard ``shard`` (default: the
-    config's own) when ``cfg.shards`` > 1: the shard's files sit beside the final ones, tagged
-    ``.shard-I-of-N`` (:mod:`facial_r1_core.shards`)."""
+    config's own) when ``cfg.shards`` > 1: the shard works in ``<work_dir>/shard-I-of-N/`` and
+    writes its files there, under the final files' names (intermediate files stay out of the
+    data folder, so only the merged files are versioned; :mod:`facial_r1_core.shards`)."""
     check_shard(cfg.shard if shard is None else shard, cfg.shards)
     accepted_default, rejected_default = default_output_paths(cfg.input_file)
     accepted = Path(cfg.output_file) if cfg.output_file else accepted_default
@@ -605,9 +605,8 @@ def output_paths(cfg: SynthesisConfig, shard: int | None = None) -> tuple[Path, 
     work = Path(cfg.work_dir)
     if cfg.shards > 1:
         i = cfg.shard if shard is None else shard
-        accepted = Path(shard_path(accepted, i, cfg.shards))
-        rejected = Path(shard_path(rejected, i, cfg.shards))
         work = Path(shard_dir(work, i, cfg.shards))
+        accepted, rejected = work / accepted.name, work / rejected.name
     return accepted, rejected, work
 
 
