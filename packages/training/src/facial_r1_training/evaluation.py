@@ -21,6 +21,12 @@ Outputs in ``evaluate.output_dir``: ``predictions.jsonl``, ``report.json``, ``re
 ``confusion.png``, ``au_f1.png``; all logged to the stage's MLflow run. Records whose image is
 missing or undecodable are skipped with their reason and counted (``skipped``), never a crash:
 ``read == evaluated + skipped``.
+
+Sharded (``--shards N --shard I``): a run generates the predictions of slice ``I`` only, into
+``<output_dir>/shard-I-of-N/`` (no metric); ``--shards N --merge`` (:func:`merge`) checks that
+every test record was predicted or skipped exactly once and scores the pooled predictions once,
+with the same code as an unsharded run, so the report (``n`` and the fingerprint included)
+equals the unsharded one.
 """
 
 from __future__ import annotations

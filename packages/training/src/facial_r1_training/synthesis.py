@@ -22,6 +22,11 @@ from the journal at the end, and ``read == accepted + rejected`` is checked. The
 resume rule (:mod:`facial_r1_core.resume`) returns a finished run's result without generating,
 and refuses (exit 2) a work folder made with another input, model or settings unless
 ``--fresh``.
+
+Sharded (``--shards N --shard I``, :mod:`facial_r1_core.shards`): a run processes only slice
+``I`` (contiguous record positions) and works in ``<work_dir>/shard-I-of-N/``; every sample
+keeps its input line, so its seeds and completions are the 1-shard run's. ``--shards N
+--merge`` (:func:`merge`) then writes the final files once, byte for byte the 1-shard ones.
 """
 
 from __future__ import annotations
