@@ -22,6 +22,10 @@ One iteration ``i`` (the paper's Figure 2; :data:`FLOW` lists the tasks and what
   ``task_grpo_file`` param names one, else it passes the GRPO model on unchanged;
 - ``synthesize`` (the policy model writes reasoning for the slice, with reflective retries) and
   ``filter`` (grown set = previous training set + accepted samples);
+- synthesis and both evaluations are sharded (the ``shards`` param, default 1): ``<stage>_shard``
+  runs once per shard over a contiguous slice of the input (an Airflow mapped task; parallel
+  processes in :func:`run_local`), then ``<stage>`` merges the slices exactly once, equal to
+  the 1-shard result (:func:`run_shard`, :func:`merge_shards`, :mod:`facial_r1_core.shards`);
 - ``version_data`` adds and pushes ``data/`` with DVC and records its md5;
 - ``evaluate`` scores the policy model (the candidate) on the held-out test split;
 - ``promote`` registers the candidate and moves ``champion`` only if it is better; the summary
