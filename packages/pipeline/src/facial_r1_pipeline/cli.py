@@ -167,13 +167,16 @@ def _run(args) -> int:
     stdout = sys.stdout
 
     def on_task(name, result):
-        # a sharded task's slices ran side by side: it took as long as the slowest
+        # a sharded task's slices ran side by side: they took as long as the slowest, which
+        # the merge task's time already includes (so it is not counted twice)
         slices = result if isinstance(result, list) else [result]
-        times[name] = max(
+        took = max(
             float(r.get("runner_wall_time_s") or r.get("wall_time_s") or 0.0) for r in slices
         )
-        what = f"{len(slices)} shards" if isinstance(result, list) and len(slices) > 1 else ""
-        print(f"==> {name} done ({times[name]:.1f} s) {what}".rstrip(), file=sys.stderr, flush=True)
+        if not isinstance(result, list):
+            times[name] = took
+        what = f" {len(slices)} shards side by side" if isinstance(result, list) else ""
+        print(f"==> {name} done ({took:.1f} s){what}", file=sys.stderr, flush=True)
 
     class _Screen:
         """Stage output on stderr (condensed unless --verbose): stdout keeps only the JSON."""
