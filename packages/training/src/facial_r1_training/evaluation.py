@@ -369,7 +369,8 @@ def evaluate(
     model_id: str = "",
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Generate, score, write the report files; returns (report, output paths).
+    """Generate, score, write the report files; returns (report, output paths). A shard
+    (``cfg.shards`` > 1) generates its slice only and returns its counts (:func:`write_shard`).
 
     :class:`EmptyTestSetError` (a :class:`ConfigError`: exit 2) when no record can be scored.
     """
@@ -388,9 +389,7 @@ def evaluate(
     )
     ready, skipped = load_test_set(test_file, cfg.limit, bounds)
     records = [r for r, _ in ready]
-    if not records and cfg.shards > 1:
-        pass  # an empty slice (more shards than records): the merge decides
-    elif not records:
+    if not records and cfg.shards == 1:  # an empty slice of a shard is left to the merge
         first = f" (first: line {skipped[0]['line']}: {skipped[0]['reason']})" if skipped else ""
         raise EmptyTestSetError(
             f"no record to evaluate in {test_file}: {len(skipped)} read, all skipped{first}"
