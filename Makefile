@@ -143,6 +143,11 @@ figures: setup-trainer ## the README's figures table from the measured runs (rec
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py
 
+.PHONY: benchmark-shards
+SHARDS_ARGS ?=
+benchmark-shards: setup-trainer ## synthesis + evaluation wall time at 1 and 2 shards (tiny model, same input), merged outputs checked identical; last line = JSON
+	$(VENV)/bin/python benchmarks/shards.py $(SHARDS_ARGS)
+
 # --- production-shaped stack on 127.0.0.1 (services/prod-local/, docs/operations.md) ----------
 # PostgreSQL + MLflow server (basic auth) + Airflow components (LocalExecutor) in .prod-local/.
 PROD_PG_PORT ?= 15432

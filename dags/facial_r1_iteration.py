@@ -3,6 +3,12 @@
     prepare_data -> sft -> grpo -> task_grpo -> synthesize -> filter -> version_data -> evaluate
                      +-> evaluate_sft                                                 -> promote
 
+Synthesis and both evaluations run as mapped tasks (``*_shard``, one per shard: the ``shards``
+param, default 1) over contiguous slices of their input by record position, each a stage
+process (local runner) or pod (Kubernetes; a GPU each on the 7B profile) that resumes on its
+own; the task named after the stage merges the slices exactly once (every record once, counts
+reconciled, metrics computed once on the pooled predictions) and equals the 1-shard result.
+
 Stage 1: SFT on seed + everything accepted so far (evaluated on the held-out split, so its own
 effect shows). Stage 2: GRPO on the labelled set, then (Appendix E, step 3, only when the
 ``task_grpo_file`` param names a dataset) GRPO on one task. Stage 3: the policy model synthesizes
@@ -16,7 +22,8 @@ Airflow (``iteration.FLOW``, ``iteration.run_local``).
 
 Trigger it with ``airflow dags trigger facial_r1_iteration`` (defaults: the tiny CPU profile, the
 local runner, the next iteration) or with a conf, e.g.
-``--conf '{"overrides": ["sft.max_steps=50"], "iterations": 2}'``; see docs/operations.md.
+``--conf '{"overrides": ["sft.max_steps=50"], "iterations": 2, "shards": 2}'``; see
+docs/operations.md.
 """
 
 from __future__ import annotations
@@ -117,6 +124,14 @@ params = {
         description="Appendix E step 3: GRPO on this one dataset (unified JSONL under data/) "
         "after the general GRPO; empty = skipped",
     ),
+    "shards": Param(
+        1,
+        type="integer",
+        minimum=1,
+        maximum=64,  # facial_r1_core.shards.MAX_SHARDS
+        description="synthesis and evaluation as this many mapped tasks (one process or pod "
+        "each, GPU each on the 7B profile) over contiguous slices of their input, merged once",
+    ),
 }
 
 
@@ -152,6 +167,27 @@ def facial_r1_iteration():
 
         return run
 
+    def shard_step(task_id, **kwargs):
+        """A mapped task: slice ``shard`` of a sharded stage (one instance per shard)."""
+
+        @task(task_id=task_id, **{"execution_timeout": STAGE_TIMEOUT, **kwargs})
+        def run(ctx, reads, shard, **context):
+            from facial_r1_pipeline import iteration
+
+            return iteration.run_task(task_id, ctx, reads, context, shard=shard)
+
+        return run
+
+    @task(retries=1)
+    def plan_shards(ctx):
+        """[0, ..., shards - 1]: what the mapped tasks expand over (the ``shards`` param)."""
+        from facial_r1_pipeline import iteration
+
+        return iteration.shard_indices(ctx)
+
+    def sharded(task_id, ctx, reads):
+        return shard_step(task_id).partial(ctx=ctx, reads=reads).expand(shard=shards)
+
     @task(retries=0)
     def trigger_next_iteration(ctx, summary, params=None, **context):
         """Start the next iteration's DAG run when ``iterations`` > 1 (skipped otherwise)."""
@@ -160,18 +196,23 @@ def facial_r1_iteration():
         iteration.trigger_next(ctx, dict(params), context)
 
     ctx = prepare_data()
+    shards = plan_shards(ctx)
     # Stage 1: cold-start SFT on seed + accepted samples; its own held-out score
     sft = step("sft")(ctx, {})
-    evaluate_sft = step("evaluate_sft")(ctx, {"sft": sft})
+    sft_slices = sharded("evaluate_sft_shard", ctx, {"sft": sft})
+    evaluate_sft = step("evaluate_sft")(ctx, {"sft": sft, "evaluate_sft_shard": sft_slices})
     # Stage 2: GRPO on the labelled set; optional task-specific GRPO (Appendix E, step 3)
     grpo = step("grpo")(ctx, {"sft": sft})
     policy = step("task_grpo")(ctx, {"grpo": grpo})
-    # Stage 3: synthesis on the next pool slice -> filter -> versioned training data
-    synth = step("synthesize")(ctx, {"task_grpo": policy})
+    # Stage 3: synthesis on the next pool slice (sharded, merged once) -> filter -> versioning
+    synth_slices = sharded("synthesize_shard", ctx, {"task_grpo": policy})
+    synth = step("synthesize")(ctx, {"task_grpo": policy, "synthesize_shard": synth_slices})
     kept = step("filter")(ctx, {"synthesize": synth})
     data = step("version_data", execution_timeout=None)(ctx, {"filter": kept})
     # the candidate: the policy model on the held-out split; champion only if better
-    evaluation = step("evaluate")(ctx, {"task_grpo": policy, "version_data": data})
+    reads = {"task_grpo": policy, "version_data": data}
+    eval_slices = sharded("evaluate_shard", ctx, reads)
+    evaluation = step("evaluate")(ctx, {**reads, "evaluate_shard": eval_slices})
     summary = step("promote", retries=1, execution_timeout=None)(
         ctx,
         {

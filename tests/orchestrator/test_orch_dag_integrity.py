@@ -12,12 +12,15 @@ DAG_ID = "facial_r1_iteration"
 ORDER = [
     "prepare_data",
     "sft",
+    "evaluate_sft_shard",
     "evaluate_sft",
     "grpo",
     "task_grpo",
+    "synthesize_shard",
     "synthesize",
     "filter",
     "version_data",
+    "evaluate_shard",
     "evaluate",
     "promote",
     "trigger_next_iteration",
@@ -38,13 +41,20 @@ def test_no_import_errors(dagbag):
 
 def test_shape(dagbag):
     """The DAG spells out iteration.FLOW (the one definition ``make pipeline`` also runs)."""
-    from facial_r1_pipeline.iteration import FLOW
+    from facial_r1_pipeline.iteration import FLOW, SHARDED
 
     dag = dagbag.dags[DAG_ID]
-    assert set(dag.task_ids) == set(ORDER)
+    assert set(dag.task_ids) == {*ORDER, "plan_shards"}
     assert [name for name, _ in FLOW] == ORDER[1:-1]
     for name, reads in FLOW:
-        assert dag.get_task(name).upstream_task_ids == {"prepare_data", *reads}, name
+        task = dag.get_task(name)
+        # a sharded stage: mapped over plan_shards' list, one instance per shard
+        plan = {"plan_shards"} if name in SHARDED else set()
+        assert task.upstream_task_ids == {"prepare_data", *plan, *reads}, name
+        assert type(task).__name__.endswith("MappedOperator") == (name in SHARDED), name
+    for shard_task, merge_task in SHARDED.items():
+        assert shard_task in dict(FLOW)[merge_task]  # the merge reads every slice's result
+    assert dag.get_task("plan_shards").upstream_task_ids == {"prepare_data"}
     assert dag.get_task("trigger_next_iteration").upstream_task_ids == {"prepare_data", "promote"}
     assert dag.schedule is None or str(dag.timetable.summary) in ("None", "")
     assert dag.max_active_runs == 1 and not dag.catchup
@@ -80,6 +90,10 @@ def test_params_have_defaults_and_validate(dagbag):
         raw["overrides"].resolve(["max_steps"])
     assert raw["overrides"].resolve(["sft.max_steps=3"]) == ["sft.max_steps=3"]
     assert raw["gpus"].resolve({"sft": 8}) == {"sft": 8}
+    assert raw["shards"].resolve(2) == 2
+    for bad in (0, 65):
+        with pytest.raises(Exception):  # noqa: B017
+            raw["shards"].resolve(bad)
 
 
 def test_parse_is_fast_and_light(repo):
@@ -132,6 +146,9 @@ def test_check_params_errors_name_the_param():
         ({"gpus": {"sfft": 1}}, "sfft"),
         ({"overrides": ["x=1"]}, "overrides"),
         ({"typo": 1}, "typo"),
+        ({"shards": 0}, "shards"),
+        ({"shards": 65}, "shards"),
+        ({"shards": "2"}, "shards"),
     ):
         with pytest.raises(IterationError, match=word):
             check_params(bad)

@@ -149,3 +149,47 @@ def test_pod_operator_matches_the_render(gpu_profile):
     assert isinstance(op, KubernetesPodOperator)
     assert op.do_xcom_push and op.image == settings.image
     assert op.namespace == "facial-r1"
+
+
+@pytest.mark.parametrize("stage", ["synthesize", "evaluate"])
+def test_each_shard_is_its_own_job_with_its_gpu(repo, gpu_profile, stage):
+    """shards=N: N jobs (distinct names, the slice in the args, a GPU each on the 7B profile),
+    and a CPU merge job."""
+    from facial_r1_pipeline import iteration
+
+    ctx = {
+        "repo": str(repo),
+        "profile": "configs/qwen2.5-vl-7b.yaml",
+        "overrides": [],
+        "iteration": 1,
+        "run_key": "abcd1234",
+        "runner": "kubernetes",
+        "gpus": {},
+        "datasets": [],
+        "inputs": iteration.input_files(gpu_profile),
+        "parent_run_id": "0" * 32,
+        "train_file": "data/seed.jsonl",
+        "shards": 3,
+    }
+    ctx["paths"] = iteration.iteration_paths(ctx)
+    up = {"task_grpo": {"outputs": {"model": "runs/iterations/iter-001-abcd1234/grpo/model"}}}
+    settings = k8s.KubeSettings.from_profile(gpu_profile)
+    manifests = [
+        k8s.render(iteration.spec_for(ctx, stage, up, shard=i), settings, ctx["profile"])
+        for i in range(3)
+    ]
+    names = [m["metadata"]["name"] for m in manifests]
+    assert len(set(names)) == 3 and all(f"{stage}-shard-{i}-of-3" in n for i, n in enumerate(names))
+    for i, manifest in enumerate(manifests):
+        assert k8s.check_manifest(manifest, expect_gpus=1) == [], i
+        assert k8s.validate_strict(manifest) == [], i
+        _, main = _main(manifest)
+        assert main["resources"]["requests"][GPU] == main["resources"]["limits"][GPU] == "1"
+        args = main["args"]
+        assert args[0] == stage and f"{stage}.shard={i}" in args and f"{stage}.shards=3" in args
+        assert "--merge" not in args
+    merge = k8s.render(iteration.spec_for(ctx, stage, up, merge=True), settings, ctx["profile"])
+    assert k8s.check_manifest(merge, expect_gpus=0) == []
+    _, main = _main(merge)
+    assert main["args"][:2] == [stage, "--merge"] and f"{stage}.shards=3" in main["args"]
+    assert merge["metadata"]["name"] not in names

@@ -160,8 +160,9 @@ def test_iteration_through_the_stack(stack, repo):
     )
     assert _shell(env, "airflow config get-value core executor", repo) == "LocalExecutor"
 
-    # one short iteration, triggered as a user would, run by the scheduler
-    conf = json.dumps({"overrides": TINY})
+    # one short iteration, triggered as a user would, run by the scheduler; synthesis and
+    # evaluation as 2 mapped shards each (LocalExecutor runs them side by side)
+    conf = json.dumps({"overrides": TINY, "shards": 2})
     run_id = "prodlocal-test"
     _shell(env, f"airflow dags trigger facial_r1_iteration --conf '{conf}' -r {run_id}", repo)
     api = f"http://127.0.0.1:{layout.ports['airflow']}/api/v2/dags/facial_r1_iteration"
@@ -180,6 +181,18 @@ def test_iteration_through_the_stack(stack, repo):
     states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
     assert state == "success", (states, _task_logs(layout))
     assert states["promote"] == "success" and states["evaluate"] == "success", states
+    for mapped in ("synthesize_shard", "evaluate_shard", "evaluate_sft_shard"):
+        instances = sorted(
+            (ti["map_index"], ti["state"])
+            for ti in tis["task_instances"]
+            if ti["task_id"] == mapped
+        )
+        assert instances == [(0, "success"), (1, "success")], (mapped, instances)
+    summary = json.loads((stack["project"] / "runs/iterations/latest-summary.json").read_text())
+    synth = summary["stages"]["synthesize"]
+    assert synth["shards"] == 2 and synth["metrics"]["read"] == 4  # merged once: the whole slice
+    assert synth["metrics"]["read"] == synth["metrics"]["accepted"] + synth["metrics"]["rejected"]
+    assert summary["stages"]["evaluate"]["metrics"]["n"] == 4
 
     # MLflow: 401 without credentials; the champion alias with them
     tracking = f"http://127.0.0.1:{layout.ports['mlflow']}"

@@ -22,6 +22,10 @@ One iteration ``i`` (the paper's Figure 2; :data:`FLOW` lists the tasks and what
   ``task_grpo_file`` param names one, else it passes the GRPO model on unchanged;
 - ``synthesize`` (the policy model writes reasoning for the slice, with reflective retries) and
   ``filter`` (grown set = previous training set + accepted samples);
+- synthesis and both evaluations are sharded (the ``shards`` param, default 1): ``<stage>_shard``
+  runs once per shard over a contiguous slice of the input (an Airflow mapped task; parallel
+  processes in :func:`run_local`), then ``<stage>`` merges the slices exactly once, equal to
+  the 1-shard result (:func:`run_shard`, :func:`merge_shards`, :mod:`facial_r1_core.shards`);
 - ``version_data`` adds and pushes ``data/`` with DVC and records its md5;
 - ``evaluate`` scores the policy model (the candidate) on the held-out test split;
 - ``promote`` registers the candidate and moves ``champion`` only if it is better; the summary
@@ -76,19 +80,26 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "min_delta": 0.0,
     "bootstrap": True,
     "task_grpo_file": "",
+    "shards": 1,
 }
 
 #: The tasks of one iteration in order, each with the tasks whose results it reads. The DAG
 #: spells this out (a test checks it matches); :func:`run_local` walks it.
+#: A ``*_shard`` task runs once per shard (the ``shards`` param: an Airflow mapped task, parallel
+#: processes in :func:`run_local`) over its slice of the input; the task after it merges the
+#: slices exactly once (:data:`SHARDED`).
 FLOW: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sft", ()),
-    ("evaluate_sft", ("sft",)),
+    ("evaluate_sft_shard", ("sft",)),
+    ("evaluate_sft", ("sft", "evaluate_sft_shard")),
     ("grpo", ("sft",)),
     ("task_grpo", ("grpo",)),
-    ("synthesize", ("task_grpo",)),
+    ("synthesize_shard", ("task_grpo",)),
+    ("synthesize", ("task_grpo", "synthesize_shard")),
     ("filter", ("synthesize",)),
     ("version_data", ("filter",)),
-    ("evaluate", ("task_grpo", "version_data")),
+    ("evaluate_shard", ("task_grpo", "version_data")),
+    ("evaluate", ("task_grpo", "version_data", "evaluate_shard")),
     (
         "promote",
         (
@@ -103,6 +114,13 @@ FLOW: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
 )
+
+#: Mapped tasks (one instance per shard) and the task that merges their outputs.
+SHARDED = {
+    "evaluate_sft_shard": "evaluate_sft",
+    "synthesize_shard": "synthesize",
+    "evaluate_shard": "evaluate",
+}
 
 #: Stage tasks that run another stage's command (and use its profile section and resources).
 STAGE_COMMAND = {"evaluate_sft": "evaluate", "task_grpo": "grpo"}
@@ -137,6 +155,11 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
             raise IterationError(f"{key} must be a non-negative integer, got {p[key]!r}")
     if p["iterations"] < 1:
         raise IterationError("iterations must be >= 1")
+    from facial_r1_core.shards import MAX_SHARDS
+
+    shards = p["shards"]
+    if not isinstance(shards, int) or isinstance(shards, bool) or not 1 <= shards <= MAX_SHARDS:
+        raise IterationError(f"shards must be an integer in [1, {MAX_SHARDS}], got {shards!r}")
     try:
         p["overrides"] = validate_overrides(list(p["overrides"] or []))
     except ValueError as exc:
@@ -259,9 +282,19 @@ def iteration_paths(ctx: Mapping[str, Any]) -> dict[str, str]:
 
 
 def spec_for(
-    ctx: Mapping[str, Any], stage: str, upstream: Mapping[str, Mapping[str, Any]]
+    ctx: Mapping[str, Any],
+    stage: str,
+    upstream: Mapping[str, Any],
+    *,
+    shard: int | None = None,
+    merge: bool = False,
 ) -> StageSpec:
-    """The stage spec of ``stage`` in iteration ``ctx``; ``upstream`` = earlier stage results."""
+    """The stage spec of ``stage`` in iteration ``ctx``; ``upstream`` = earlier stage results.
+
+    With ``ctx["shards"]`` = N > 1, ``shard=i`` gives the spec of slice ``i`` (same wiring, plus
+    ``<section>.shards=N``, ``<section>.shard=i``; its own result file and name) and
+    ``merge=True`` the spec that merges the N slices into the stage's outputs (``--merge``).
+    """
     paths = ctx["paths"]
     work = paths["work_dir"]
     profile = load(ctx)
@@ -314,17 +347,36 @@ def spec_for(
     command = STAGE_COMMAND.get(stage, stage)
     resources = stage_resources(profile, command, (ctx.get("gpus") or {}).get(command))
     config_dir = str((profile.get("resources") or {}).get("config_dir") or "/opt/facial-r1/configs")
+    shards = int(ctx.get("shards") or 1)
+    name, argv, result = stage, (command,), f"{paths['results']}/{stage}.json"
+    run_name = f"{stage} (iteration {int(ctx['iteration'])})"
+    if shards > 1 and (shard is not None or merge):
+        from facial_r1_core.shards import check_shard, shard_name
+
+        section = STAGE_SECTION[command]
+        wiring[f"{section}.shards"] = shards
+        if merge:  # reads files and scores: a CPU step, whatever the stage needs
+            resources = stage_resources(profile, "merge", 0)
+            argv = (command, "--merge")
+            run_name = f"{stage} merge of {shards} shards (iteration {int(ctx['iteration'])})"
+        else:
+            check_shard(int(shard), shards)
+            wiring[f"{section}.shard"] = int(shard)
+            tag = shard_name(int(shard), shards)
+            name = f"{stage}-{tag}"
+            result = f"{paths['results']}/{stage}.{tag}.json"
+            run_name = f"{stage} shard {shard} of {shards} (iteration {int(ctx['iteration'])})"
     return StageSpec(
-        stage=stage,
-        command=(command,),
+        stage=name,
+        command=argv,
         config=ctx["profile"],
         overrides=(*ctx["overrides"], *overrides_from(wiring)),
-        result_path=f"{paths['results']}/{stage}.json",
+        result_path=result,
         parent_run_id=ctx.get("parent_run_id"),
-        run_name=f"{stage} (iteration {int(ctx['iteration'])})",
+        run_name=run_name,
         resources=resources,
         launcher=launcher_for(profile, command, resources.gpus, config_dir)
-        if ctx["runner"] == "kubernetes"
+        if ctx["runner"] == "kubernetes" and not merge
         else (),
         inputs={
             k.split(".", 1)[1]: str(v)
@@ -417,6 +469,7 @@ def prepare_data(
         "init_from": p["init_from"],
         "min_delta": float(p["min_delta"]),
         "task_grpo_file": p["task_grpo_file"],
+        "shards": p["shards"],
         "slice_size": settings["slice_size"],
         "config_hash": config_hash(profile),
         "inputs": inputs,
@@ -437,6 +490,7 @@ def prepare_data(
             "config_hash": ctx["config_hash"],
             "airflow_dag_run_id": dag_run_id,
             "runner": p["runner"],
+            "shards": str(p["shards"]),
             "train_file": ctx["train_file"],
             "slice_file": ctx["paths"]["slice_file"],
         },
@@ -562,13 +616,33 @@ def _forget(result_file: Path) -> None:
         marker.unlink()
 
 
+def shard_indices(ctx: Mapping[str, Any]) -> list[int]:
+    """``[0, ..., shards - 1]``: what the mapped tasks of :data:`SHARDED` expand over."""
+    return list(range(int(ctx.get("shards") or 1)))
+
+
 def run_task(
     name: str,
     ctx: Mapping[str, Any],
-    upstream: Mapping[str, Mapping[str, Any]],
+    upstream: Mapping[str, Any],
     context: Any = None,
+    *,
+    shard: int | None = None,
 ) -> dict[str, Any]:
-    """Run task ``name`` of :data:`FLOW` with the results of the tasks it reads; its result."""
+    """Run task ``name`` of :data:`FLOW` with the results of the tasks it reads; its result.
+
+    A task of :data:`SHARDED` runs slice ``shard``; its merge task reads the list of the
+    slices' results (Airflow hands a lazy sequence: it is turned into a list here).
+    """
+    upstream = {
+        k: v if isinstance(v, Mapping) or v is None else [dict(x) for x in v]
+        for k, v in upstream.items()
+    }
+    if name in SHARDED:
+        return run_shard(ctx, SHARDED[name], upstream, 0 if shard is None else shard, context)
+    if name in SHARDED.values():
+        shard_task = next(k for k, v in SHARDED.items() if v == name)
+        return merge_shards(ctx, name, upstream, upstream.get(shard_task) or [], context)
     if name == "version_data":
         return version_data(ctx, upstream["filter"], context)
     if name == "promote":
@@ -590,13 +664,15 @@ def run_task(
 def run_stage(
     ctx: Mapping[str, Any],
     stage: str,
-    upstream: Mapping[str, Mapping[str, Any]],
+    upstream: Mapping[str, Any],
     context: Any = None,
+    *,
+    merge: bool = False,
 ) -> dict[str, Any]:
     """Task of one training stage: run it, summarise it on the parent run, return its result."""
     from . import lineage
 
-    spec = spec_for(ctx, stage, upstream)
+    spec = spec_for(ctx, stage, upstream, merge=merge)
     result = make_runner(ctx).run(spec, context)
     client = lineage.client_for(load(ctx))
     lineage.log_stage(client, ctx["parent_run_id"], stage, result)
@@ -605,6 +681,58 @@ def run_stage(
         rejected = (result.get("outputs") or {}).get("rejected") or ctx["paths"]["synth_rejected"]
         client.set_tag(ctx["parent_run_id"], "rejected_file", _relative(ctx, rejected))
     return _slim(result)
+
+
+def run_shard(
+    ctx: Mapping[str, Any],
+    stage: str,
+    upstream: Mapping[str, Any],
+    shard: int,
+    context: Any = None,
+) -> dict[str, Any]:
+    """Slice ``shard`` of a sharded stage. With one shard this is the whole stage, run and
+    recorded as without sharding (its merge task passes it on)."""
+    if int(ctx.get("shards") or 1) == 1:
+        if shard != 0:
+            raise IterationError(f"{stage}: shard {shard} of 1 does not exist")
+        return run_stage(ctx, stage, upstream, context)
+    spec = spec_for(ctx, stage, upstream, shard=shard)
+    return {**_slim(make_runner(ctx).run(spec, context)), "shard": shard}
+
+
+def merge_shards(
+    ctx: Mapping[str, Any],
+    stage: str,
+    upstream: Mapping[str, Any],
+    shard_results: Sequence[Mapping[str, Any]],
+    context: Any = None,
+) -> dict[str, Any]:
+    """The task after a sharded stage: merge its slices exactly once (the stage's ``--merge``:
+    every record once, counts reconciled, metrics computed once on the pooled records), record
+    it like the unsharded stage. With one shard, the slice's result is passed on."""
+    shards = int(ctx.get("shards") or 1)
+    if len(shard_results) != shards:
+        raise IterationError(
+            f"{stage}: {len(shard_results)} shard results for {shards} shards (param 'shards')"
+        )
+    if shards == 1:
+        return dict(shard_results[0])
+    result = run_stage(ctx, stage, upstream, context, merge=True)
+    slowest = max(
+        float(r.get("runner_wall_time_s") or r.get("wall_time_s") or 0.0) for r in shard_results
+    )
+    return {
+        **result,
+        "shards": shards,
+        "shard_wall_time_s": [r.get("runner_wall_time_s") for r in shard_results],
+        # the slices ran side by side: the stage took the slowest slice plus the merge
+        "runner_wall_time_s": round(slowest + float(result.get("runner_wall_time_s") or 0.0), 3),
+        "wall_time_s": round(
+            max(float(r.get("wall_time_s") or 0.0) for r in shard_results)
+            + float(result.get("wall_time_s") or 0.0),
+            3,
+        ),
+    }
 
 
 def _slim(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -758,7 +886,10 @@ def build_summary(
 ) -> dict[str, Any]:
     """Everything the demo's table and ``make pipeline`` show, as JSON."""
     stages = {}
-    for stage in ("prepare_data", *(name for name, _ in FLOW if name != "promote")):
+    for stage in (
+        "prepare_data",
+        *(name for name, _ in FLOW if name != "promote" and name not in SHARDED),
+    ):
         if stage == "prepare_data":
             res = ctx.get("prepare") or {}
         elif stage == "version_data":
@@ -766,6 +897,7 @@ def build_summary(
         else:
             res = results.get(stage) or {}
         stages[stage] = {
+            **({"shards": res["shards"]} if res.get("shards") else {}),
             "wall_time_s": res.get("wall_time_s"),
             "runner_wall_time_s": res.get("runner_wall_time_s"),
             "cached": bool(res.get("cached")),
@@ -808,10 +940,14 @@ def run_local(
     ctx = prepare_data(params, repo=repo, dag_run_id="local")
     if on_task:
         on_task("prepare_data", ctx.get("prepare") or {})
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {}
     try:
         for name, reads in FLOW:
-            results[name] = run_task(name, ctx, {r: results[r] for r in reads})
+            upstream = {r: results[r] for r in reads}
+            if name in SHARDED:
+                results[name] = run_shards_locally(name, ctx, upstream)
+            else:
+                results[name] = run_task(name, ctx, upstream)
             if on_task:
                 on_task(name, results[name])
     except BaseException:
@@ -819,6 +955,36 @@ def run_local(
         lineage.finish_iteration(client, ctx["parent_run_id"], status="FAILED")
         raise
     return results["promote"]
+
+
+def run_shards_locally(
+    name: str, ctx: Mapping[str, Any], upstream: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The instances of mapped task ``name``, one per shard, as the DAG runs them: each a stage
+    process of its own, side by side (at most one per core); results in shard order. One failed
+    shard fails the task after the others have ended (their finished work is kept and reused
+    on the next run); an interruption stops them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .runners import ownership
+
+    shards = shard_indices(ctx)
+    if len(shards) == 1:
+        return [run_task(name, ctx, upstream, shard=0)]
+    workers = max(1, min(len(shards), os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    try:
+        futures = [pool.submit(run_task, name, ctx, upstream, shard=i) for i in shards]
+        errors = [f.exception() for f in futures]
+    except BaseException:
+        ownership.stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    failed = [(i, e) for i, e in zip(shards, errors, strict=True) if e is not None]
+    if failed:
+        raise failed[0][1]
+    return [f.result() for f in futures]
 
 
 def next_iteration_conf(ctx: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,12 @@ Outputs in ``evaluate.output_dir``: ``predictions.jsonl``, ``report.json``, ``re
 ``confusion.png``, ``au_f1.png``; all logged to the stage's MLflow run. Records whose image is
 missing or undecodable are skipped with their reason and counted (``skipped``), never a crash:
 ``read == evaluated + skipped``.
+
+Sharded (``--shards N --shard I``): a run generates the predictions of slice ``I`` only, into
+``<output_dir>/shard-I-of-N/`` (no metric); ``--shards N --merge`` (:func:`merge`) checks that
+every test record was predicted or skipped exactly once and scores the pooled predictions once,
+with the same code as an unsharded run, so the report (``n`` and the fingerprint included)
+equals the unsharded one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ from facial_r1_core.schema import (
     aus_annotated,
     ensure_not_input,
     iter_records_lenient,
+)
+from facial_r1_core.shards import (
+    MAX_SHARDS,
+    ShardMergeError,
+    check_coverage,
+    check_shard,
+    count_positions,
+    shard_bounds,
+    shard_dir,
 )
 
 from .generation import GenerationBackend, GenerationRequest, load_image
@@ -58,6 +73,8 @@ class EvaluateConfig:
     limit: int = checked(0, ge=0)
     judge: dict[str, Any] = field(default_factory=dict)
     vllm: dict[str, Any] = field(default_factory=dict)
+    shards: int = checked(1, ge=1, le=MAX_SHARDS)  # split the test set over this many workers
+    shard: int = checked(0, ge=0)  # this worker's slice (facial_r1_core.shards)
 
 
 #: Dataset-name prefixes (lower case, without ``-`` / ``_``) of the AU protocols reported apart.
@@ -101,14 +118,19 @@ def _reasoning(text: str) -> str:
     return parsed.think if parsed.think is not None else (text or "")
 
 
-def load_test_set(path: Path, limit: int = 0) -> tuple[list[tuple[Record, Any]], list[dict]]:
-    """(record, image) pairs ready to evaluate, and the skipped lines with their reasons."""
+def load_test_set(
+    path: Path, limit: int = 0, bounds: tuple[int, int] | None = None
+) -> tuple[list[tuple[Record, Any]], list[dict]]:
+    """(record, image) pairs ready to evaluate, and the skipped lines with their reasons; only
+    the record positions in ``bounds`` (``[start, stop)``, a shard's range) when given."""
     root = path.parent
     ready: list[tuple[Record, Any]] = []
     skipped: list[dict[str, Any]] = []
     for count, result in enumerate(iter_records_lenient(path, root=root), start=1):
         if limit and count > limit:
             break
+        if bounds is not None and not bounds[0] <= count - 1 < bounds[1]:
+            continue
         if result.record is None:
             skipped.append({"line": result.line, "reason": f"bad record: {result.error}"})
             continue
@@ -347,18 +369,27 @@ def evaluate(
     model_id: str = "",
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Generate, score, write the report files; returns (report, output paths).
+    """Generate, score, write the report files; returns (report, output paths). A shard
+    (``cfg.shards`` > 1) generates its slice only and returns its counts (:func:`write_shard`).
 
     :class:`EmptyTestSetError` (a :class:`ConfigError`: exit 2) when no record can be scored.
     """
     from facial_r1_core.prompts import sft_prompt
 
     check_limit(cfg.limit)
+    check_shard(cfg.shard, cfg.shards)
     names = ("predictions.jsonl", "report.json", "report.md")
+    if cfg.shards > 1:
+        output_dir = Path(shard_dir(output_dir, cfg.shard, cfg.shards))
     ensure_not_input([output_dir / n for n in names], [test_file], "evaluate")
-    ready, skipped = load_test_set(test_file, cfg.limit)
+    bounds = (
+        shard_bounds(count_positions(test_file, cfg.limit), cfg.shard, cfg.shards)
+        if cfg.shards > 1
+        else None
+    )
+    ready, skipped = load_test_set(test_file, cfg.limit, bounds)
     records = [r for r, _ in ready]
-    if not records:
+    if not records and cfg.shards == 1:  # an empty slice of a shard is left to the merge
         first = f" (first: line {skipped[0]['line']}: {skipped[0]['reason']})" if skipped else ""
         raise EmptyTestSetError(
             f"no record to evaluate in {test_file}: {len(skipped)} read, all skipped{first}"
@@ -381,13 +412,46 @@ def evaluate(
     for chunk in chunks:
         completions.extend(backend.generate(chunk))
     elapsed = time.perf_counter() - start
+    if cfg.shards > 1:
+        return write_shard(
+            cfg, records, completions, skipped, output_dir, test_file, model_id, elapsed
+        )
+    return write_report(
+        cfg,
+        records,
+        completions,
+        skipped,
+        emotions=emotions,
+        output_dir=output_dir,
+        test_file=test_file,
+        model_id=model_id,
+        read=len(ready) + len(skipped),
+        elapsed=elapsed,
+    )
+
+
+def write_report(
+    cfg: EvaluateConfig,
+    records: list[Record],
+    completions: list[str],
+    skipped: list[dict[str, Any]],
+    *,
+    emotions: list[str],
+    output_dir: Path,
+    test_file: Path,
+    model_id: str,
+    read: int,
+    elapsed: float,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Score the records' completions once (core metrics), write and return the report: the one
+    path of an unsharded evaluation and of the merge of a sharded one."""
     report = compute_metrics(records, completions, emotions, cfg.au_subset)
     report.update(
         model=model_id,
         test_file=str(test_file),
         test_set_fingerprint=fingerprint_test_set(records),
         limit=cfg.limit,
-        read=len(ready) + len(skipped),
+        read=read,
         skipped=len(skipped),
         skipped_lines=skipped,
         generation_s=round(elapsed, 3),
@@ -418,26 +482,8 @@ def evaluate(
     output_dir.mkdir(parents=True, exist_ok=True)
     preds = output_dir / "predictions.jsonl"
     with atomic_write(preds) as handle:
-        from facial_r1_core.parser import parse_completion
-
         for rec, text in zip(records, completions, strict=True):
-            p = parse_completion(text)
-            handle.write(
-                json.dumps(
-                    {
-                        "id": rec.id,
-                        "image": f"{rec.dataset}/{rec.image}",
-                        "AUs": rec.AUs,
-                        "labels": rec.labels,
-                        "completion": text,
-                        "pred_aus": list(p.aus),
-                        "pred_emotions": list(p.emotions),
-                        "format_valid": p.format_valid,
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
+            handle.write(_prediction_row(rec, text) + "\n")
     report_json = output_dir / "report.json"
     with atomic_write(report_json) as handle:
         json.dump({"headline": headline(report), **report}, handle, indent=2)
@@ -457,6 +503,170 @@ def evaluate(
     return report, outputs
 
 
+def shard_signature(cfg: EvaluateConfig, test_file: Path, model_id: str, shard: int) -> str:
+    """What a shard's predictions depend on: test file content, model, generation settings and
+    the split; the merge refuses a shard folder with another signature."""
+    import hashlib
+
+    from .synthesis import file_sha256
+
+    blob = {
+        "test_sha256": file_sha256(test_file),
+        "model": model_id,
+        "backend": cfg.backend,
+        "max_new_tokens": cfg.max_new_tokens,
+        "emotions": cfg.emotions,
+        "limit": cfg.limit,
+        "shard": [shard, cfg.shards],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _prediction_row(rec: Record, text: str) -> str:
+    from facial_r1_core.parser import parse_completion
+
+    p = parse_completion(text)
+    return json.dumps(
+        {
+            "id": rec.id,
+            "image": f"{rec.dataset}/{rec.image}",
+            "AUs": rec.AUs,
+            "labels": rec.labels,
+            "completion": text,
+            "pred_aus": list(p.aus),
+            "pred_emotions": list(p.emotions),
+            "format_valid": p.format_valid,
+        },
+        ensure_ascii=False,
+    )
+
+
+def write_shard(
+    cfg: EvaluateConfig,
+    records: list[Record],
+    completions: list[str],
+    skipped: list[dict[str, Any]],
+    output_dir: Path,
+    test_file: Path,
+    model_id: str,
+    elapsed: float,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A shard's per-record predictions and its ``shard.json`` (counts, skipped lines,
+    signature); no metric: those are computed once, on the merged predictions."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    preds = output_dir / "predictions.jsonl"
+    with atomic_write(preds) as handle:
+        for rec, text in zip(records, completions, strict=True):
+            handle.write(_prediction_row(rec, text) + "\n")
+    info = {
+        "shard": cfg.shard,
+        "shards": cfg.shards,
+        "read": len(records) + len(skipped),
+        "n": len(records),
+        "skipped": len(skipped),
+        "skipped_lines": skipped,
+        "generation_s": round(elapsed, 3),
+        "signature": shard_signature(cfg, test_file, model_id, cfg.shard),
+    }
+    shard_json = output_dir / "shard.json"
+    with atomic_write(shard_json) as handle:
+        json.dump(info, handle, indent=2)
+    summary = {k: info[k] for k in ("read", "n", "skipped", "generation_s", "shard", "shards")}
+    return summary, {"predictions": str(preds), "shard": str(shard_json)}
+
+
+def merge(
+    cfg: EvaluateConfig,
+    *,
+    emotions: list[str],
+    output_dir: Path,
+    test_file: Path,
+    model_id: str = "",
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge the ``cfg.shards`` shards' predictions and score them once, as one evaluation.
+
+    Every test record (after ``limit``) must appear exactly once over the shards, scored or
+    skipped, in the shard whose range holds it, and nothing else may
+    (:func:`facial_r1_core.shards.check_coverage`); every shard must carry the signature of
+    this test file, model and settings. Otherwise ShardMergeError names the shard and the record
+    and nothing is written. The report is then exactly the unsharded one (same records in the
+    same order, same completions, same ``n`` and ``test_set_fingerprint``).
+    """
+    check_limit(cfg.limit)
+    if cfg.shards < 2:
+        raise ConfigError("merging needs evaluate.shards >= 2 (--shards N)")
+    results = []
+    for count, result in enumerate(iter_records_lenient(test_file, root=test_file.parent), 1):
+        if cfg.limit and count > cfg.limit:
+            break
+        results.append(result)
+    key_of = [r.record.id if r.record is not None else f"line {r.line}" for r in results]
+    describe = {k: f" (test line {r.line})" for k, r in zip(key_of, results, strict=True)}
+    items: dict[int, list[str]] = {}
+    completions_by_id: dict[str, str] = {}
+    skipped: list[dict[str, Any]] = []
+    slowest = 0.0
+    for i in range(cfg.shards):
+        folder = Path(shard_dir(output_dir, i, cfg.shards))
+        info_path, preds_path = folder / "shard.json", folder / "predictions.jsonl"
+        for path in (info_path, preds_path):
+            if not path.is_file():
+                raise ShardMergeError(
+                    f"shard {i} of {cfg.shards}: output missing: {path} (run it: facial-r1 "
+                    f"evaluate ... --shards {cfg.shards} --shard {i})"
+                )
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("signature") != shard_signature(cfg, test_file, model_id, i):
+            raise ShardMergeError(
+                f"shard {i} of {cfg.shards}: {info_path} is from another test file, model or "
+                "settings (signature differs): run the shard again"
+            )
+        keys = []
+        for number, line in enumerate(preds_path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key, text = row["id"], row["completion"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ShardMergeError(
+                    f"shard {i} of {cfg.shards}: {preds_path}:{number}: not a prediction row"
+                ) from None
+            keys.append(key)
+            completions_by_id.setdefault(key, text)
+        for entry in info.get("skipped_lines") or []:
+            keys.append(entry.get("id") or f"line {entry.get('line')}")
+            skipped.append(entry)
+        if info.get("read") != len(keys):
+            raise ShardMergeError(
+                f"shard {i} of {cfg.shards}: counts do not reconcile: read {info.get('read')}, "
+                f"{len(keys)} predictions + skipped"
+            )
+        slowest = max(slowest, float(info.get("generation_s") or 0.0))
+        items[i] = keys
+    check_coverage(key_of, items, cfg.shards, describe=describe)
+    records = [r.record for r, key in zip(results, key_of, strict=True) if key in completions_by_id]
+    if not records:
+        raise EmptyTestSetError(
+            f"no record to evaluate in {test_file}: {len(skipped)} read, all skipped"
+        )
+    completions = [completions_by_id[r.id] for r in records]
+    skipped.sort(key=lambda e: e.get("line", 0))
+    report, outputs = write_report(
+        cfg,
+        records,
+        completions,
+        skipped,
+        emotions=emotions,
+        output_dir=output_dir,
+        test_file=test_file,
+        model_id=model_id,
+        read=len(results),
+        elapsed=slowest,
+    )
+    return report, outputs
+
+
 # --------------------------------------------------------------------------------------------
 # the command
 
@@ -464,6 +674,7 @@ def evaluate(
 def add_parser(subparsers) -> None:
     from facial_r1_core.cli import positional_input
     from facial_r1_core.schema import add_skip_bad_records_argument
+    from facial_r1_core.shards import add_shard_arguments
 
     from .stage import add_stage_arguments
 
@@ -484,6 +695,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output-dir", help="report folder (overrides evaluate.output_dir)")
     parser.add_argument("--limit", type=int, help="at most N test records")
     add_skip_bad_records_argument(parser)
+    add_shard_arguments(parser, "evaluate")
     add_stage_arguments(parser)
     parser.set_defaults(func=main)
 
@@ -502,6 +714,8 @@ def main(args) -> int:
             "test_file": args.test_file,
             "output_dir": args.output_dir,
             "limit": args.limit,
+            "shards": getattr(args, "shards", None),
+            "shard": getattr(args, "shard", None),
         },
     )
 
@@ -525,24 +739,40 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
         raise EmptyTestSetError(f"test file {test_file} holds no records: nothing to evaluate")
     from .data import check_inputs
 
+    try:
+        check_shard(cfg.shard, cfg.shards)
+    except ValueError as exc:
+        raise ConfigError(f"evaluate: {exc}") from None
     check_inputs(ctx, [test_file], limit=max(cfg.limit or 0, 0))
-    model_path = resolve_model(cfg.model_path, ctx.profile, resolve=ctx.path)
-    backend = create_backend(
-        cfg.backend,
-        model_path,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        seed=ctx.seed,
-        vllm_options=cfg.vllm,
-    )
-    report, outputs = evaluate(
-        cfg,
-        backend,
-        emotions=prompt_emotions(cfg.emotions),
-        output_dir=ctx.path(cfg.output_dir),
-        test_file=test_file,
-        model_id=str(cfg.model_path),
-    )
+    if getattr(ctx.args, "merge", False):
+        report, outputs = merge(
+            cfg,
+            emotions=prompt_emotions(cfg.emotions),
+            output_dir=ctx.path(cfg.output_dir),
+            test_file=test_file,
+            model_id=str(cfg.model_path),
+        )
+    else:
+        model_path = resolve_model(cfg.model_path, ctx.profile, resolve=ctx.path)
+        backend = create_backend(
+            cfg.backend,
+            model_path,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=ctx.seed,
+            vllm_options=cfg.vllm,
+        )
+        report, outputs = evaluate(
+            cfg,
+            backend,
+            emotions=prompt_emotions(cfg.emotions),
+            output_dir=ctx.path(cfg.output_dir),
+            test_file=test_file,
+            model_id=str(cfg.model_path),
+        )
+        if cfg.shards > 1:  # one slice: predictions only, scored by the merge
+            ctx.log_artifact(outputs["predictions"], "evaluation")
+            return outputs, report
     for name in ("report", "report_md", "predictions", "confusion", "au_f1"):
         ctx.log_artifact(outputs[name], "evaluation")
     metrics = headline(report)

@@ -22,6 +22,11 @@ from the journal at the end, and ``read == accepted + rejected`` is checked. The
 resume rule (:mod:`facial_r1_core.resume`) returns a finished run's result without generating,
 and refuses (exit 2) a work folder made with another input, model or settings unless
 ``--fresh``.
+
+Sharded (``--shards N --shard I``, :mod:`facial_r1_core.shards`): a run processes only slice
+``I`` (contiguous record positions) and works in ``<work_dir>/shard-I-of-N/``; every sample
+keeps its input line, so its seeds and completions are the 1-shard run's. ``--shards N
+--merge`` (:func:`merge`) then writes the final files once, byte for byte the 1-shard ones.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from facial_r1_core.config import checked
+from facial_r1_core.config import ConfigError, checked
 from facial_r1_core.resume import StageStateError
 from facial_r1_core.schema import (
     Record,
@@ -45,6 +51,15 @@ from facial_r1_core.schema import (
     aus_annotated,
     ensure_not_input,
     iter_records_lenient,
+)
+from facial_r1_core.shards import (
+    MAX_SHARDS,
+    ShardMergeError,
+    check_coverage,
+    check_shard,
+    count_positions,
+    shard_bounds,
+    shard_dir,
 )
 
 from .generation import GenerationBackend, GenerationRequest, load_image, sample_seed
@@ -78,6 +93,8 @@ class SynthesisConfig:
     emotions: list[str] | None = None
     limit: int = checked(0, ge=0)
     vllm: dict[str, Any] = field(default_factory=dict)
+    shards: int = checked(1, ge=1, le=MAX_SHARDS)  # split the input over this many workers
+    shard: int = checked(0, ge=0)  # this worker's slice (facial_r1_core.shards)
 
 
 class SynthesisInterruptedError(RuntimeError):
@@ -410,6 +427,11 @@ def synthesize(
     root = Path(input_file).parent
     summary = SynthesisSummary()
     source: Iterator = iter_input(input_file, cfg.limit)
+    if cfg.shards > 1:  # this shard's contiguous range of record positions, original lines kept
+        start_at, stop_at = shard_bounds(
+            count_positions(input_file, cfg.limit), cfg.shard, cfg.shards
+        )
+        source = islice(source, start_at, stop_at)
     pool: deque[_Pending] = deque()
     finished_now = 0
     exhausted = False
@@ -576,6 +598,23 @@ def default_output_paths(input_file: str | os.PathLike) -> tuple[Path, Path]:
     )
 
 
+def output_paths(cfg: SynthesisConfig, shard: int | None = None) -> tuple[Path, Path, Path]:
+    """(accepted file, rejected file, work folder) of a run, or of shard ``shard`` (default: the
+    config's own) when ``cfg.shards`` > 1: the shard works in ``<work_dir>/shard-I-of-N/`` and
+    writes its files there, under the final files' names (intermediate files stay out of the
+    data folder, so only the merged files are versioned; :mod:`facial_r1_core.shards`)."""
+    check_shard(cfg.shard if shard is None else shard, cfg.shards)
+    accepted_default, rejected_default = default_output_paths(cfg.input_file)
+    accepted = Path(cfg.output_file) if cfg.output_file else accepted_default
+    rejected = Path(cfg.rejected_file) if cfg.rejected_file else rejected_default
+    work = Path(cfg.work_dir)
+    if cfg.shards > 1:
+        i = cfg.shard if shard is None else shard
+        work = Path(shard_dir(work, i, cfg.shards))
+        accepted, rejected = work / accepted.name, work / rejected.name
+    return accepted, rejected, work
+
+
 def model_fingerprint(model_path: str | os.PathLike) -> str:
     """Path plus name, size and mtime of the weight files (cheap even for 15 GB checkpoints)."""
     path = Path(model_path)
@@ -599,6 +638,8 @@ def generation_settings(cfg: SynthesisConfig, seed: int) -> dict[str, Any]:
         "max_new_tokens": cfg.max_new_tokens,
         "top_k": cfg.top_k,
         "limit": cfg.limit,
+        # only when sharded, so the settings of unsharded runs stay what they were
+        **({"shard": [cfg.shard, cfg.shards]} if cfg.shards > 1 else {}),
     }
 
 
@@ -616,6 +657,7 @@ def run_signature(
         "max_new_tokens": cfg.max_new_tokens,
         "top_k": cfg.top_k,
         "limit": cfg.limit,
+        **({"shard": [cfg.shard, cfg.shards]} if cfg.shards > 1 else {}),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -637,10 +679,7 @@ def run(
     input_file = Path(cfg.input_file)
     if not input_file.is_file():
         raise FileNotFoundError(f"synthesis input not found: {input_file}")
-    accepted_default, rejected_default = default_output_paths(input_file)
-    accepted_path = Path(cfg.output_file) if cfg.output_file else accepted_default
-    rejected_path = Path(cfg.rejected_file) if cfg.rejected_file else rejected_default
-    work = Path(cfg.work_dir)
+    accepted_path, rejected_path, work = output_paths(cfg)
     journal_path = work / "journal.jsonl"
     ensure_not_input(
         [accepted_path, rejected_path, journal_path, work / "synthesis_stats.json"],
@@ -671,6 +710,7 @@ def run(
         journal.close()
     stats = {
         **summary.metrics(),
+        "signature": signature,
         "reject_codes": summary.reject_codes,
         "attempts_histogram": summary.attempts_histogram,
         "wall_time_s": round(summary.wall_time_s, 3),
@@ -685,6 +725,149 @@ def run(
         "stats": str(stats_path),
     }
     return summary, outputs
+
+
+def _read_rows(path: Path, what: str, shard: int, shards: int) -> list[tuple[str, dict]]:
+    """(raw line, parsed row) of a shard output; ShardMergeError names a damaged line."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ShardMergeError(
+                    f"shard {shard} of {shards}: {path}:{number}: {what} line is not JSON "
+                    f"({exc.msg})"
+                ) from None
+            if not isinstance(row, dict):
+                raise ShardMergeError(
+                    f"shard {shard} of {shards}: {path}:{number}: {what} line is not an object"
+                )
+            rows.append((text, row))
+    return rows
+
+
+def merge(
+    cfg: SynthesisConfig, *, model_id: str = "", seed: int = 0
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge the ``cfg.shards`` shard outputs into the final accepted and rejected files, once.
+
+    Every shard must have finished (its statistics hold the signature of this input, model,
+    settings and shard); every input record must appear in exactly one shard's output, in the
+    shard whose range holds it, and nothing else may (:func:`facial_r1_core.shards.
+    check_coverage`); each shard's counts must reconcile (read = accepted + rejected). Otherwise
+    :class:`~facial_r1_core.shards.ShardMergeError` names the shard and the record, and nothing
+    is written. The merged files hold the shards' lines unchanged, in input order: the same
+    bytes as a 1-shard run. Returns (statistics, output paths).
+    """
+    if cfg.shards < 2:
+        raise ValueError("merging needs synthesize.shards >= 2 (--shards N)")
+    input_file = Path(cfg.input_file)
+    if not input_file.is_file():
+        raise FileNotFoundError(f"synthesis input not found: {input_file}")
+    expected: list[str] = []
+    describe: dict[str, str] = {}
+    for result in iter_input(input_file, cfg.limit):
+        key = result.record.id if result.record is not None else f"line {result.line}"
+        expected.append(key)
+        describe[key] = f" (input line {result.line})"
+    items: dict[int, list[str]] = {}
+    rows: dict[str, tuple[str, str]] = {}  # key -> (accepted|rejected, raw line)
+    totals: Counter = Counter()
+    for i in range(cfg.shards):
+        accepted_path, rejected_path, work = output_paths(cfg, i)
+        stats_path = work / "synthesis_stats.json"
+        for path in (stats_path, accepted_path, rejected_path):
+            if not path.is_file():
+                raise ShardMergeError(
+                    f"shard {i} of {cfg.shards}: output missing: {path} (run it: facial-r1 "
+                    f"synthesize ... --shards {cfg.shards} --shard {i})"
+                )
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        want = run_signature(input_file, replace(cfg, shard=i), model_id, seed)
+        if stats.get("signature") != want:
+            raise ShardMergeError(
+                f"shard {i} of {cfg.shards}: {stats_path} is from another input, model or "
+                "settings (signature differs): run the shard again"
+            )
+        keys = []
+        for kind, path in (("accepted", accepted_path), ("rejected", rejected_path)):
+            for text, row in _read_rows(path, kind, i, cfg.shards):
+                if kind == "accepted":
+                    key = row.get("id")
+                else:
+                    key = row.get("id") or f"line {row.get('line')}"
+                if not isinstance(key, str) or not key:
+                    raise ShardMergeError(f"shard {i} of {cfg.shards}: {path}: a row without id")
+                keys.append(key)
+                rows.setdefault(key, (kind, text))
+                totals[kind] += 1
+        counted = {k: stats.get(k) for k in ("read", "accepted", "rejected")}
+        if counted["read"] != counted["accepted"] + counted["rejected"] or counted["read"] != len(
+            keys
+        ):
+            raise ShardMergeError(
+                f"shard {i} of {cfg.shards}: counts do not reconcile: read {counted['read']}, "
+                f"accepted {counted['accepted']} + rejected {counted['rejected']}, "
+                f"{len(keys)} output rows"
+            )
+        for key in ("generated", "backend_calls", "resumed", "journal_damaged"):
+            totals[key] += int(stats.get(key) or 0)
+        totals["wall_time_max"] = max(totals["wall_time_max"], float(stats.get("wall_time_s", 0)))
+        items[i] = keys
+    check_coverage(expected, items, cfg.shards, describe=describe)
+    accepted_path, rejected_path = (
+        Path(cfg.output_file) if cfg.output_file else default_output_paths(input_file)[0],
+        Path(cfg.rejected_file) if cfg.rejected_file else default_output_paths(input_file)[1],
+    )
+    ensure_not_input([accepted_path, rejected_path], [input_file], "synthesize")
+    ordered = [rows[key] for key in expected]
+    with atomic_write(accepted_path) as handle:
+        handle.writelines(text + "\n" for kind, text in ordered if kind == "accepted")
+    with atomic_write(rejected_path) as handle:
+        handle.writelines(text + "\n" for kind, text in ordered if kind == "rejected")
+    read, accepted, rejected = len(expected), totals["accepted"], totals["rejected"]
+    if read != accepted + rejected:
+        raise AssertionError(f"counts do not reconcile: read {read} != {accepted} + {rejected}")
+    codes: Counter = Counter()
+    attempts: Counter = Counter()
+    for kind, text in ordered:
+        row = json.loads(text)
+        if kind == "rejected":
+            codes.update(row.get("codes") or [])
+            attempts[str(row.get("attempts"))] += 1
+        else:
+            tries = ((row.get("meta_info") or {}).get("synthesis") or {}).get("attempts")
+            attempts[str(tries)] += 1
+    wall = totals["wall_time_max"]
+    stats = {
+        "read": read,
+        "accepted": accepted,
+        "rejected": rejected,
+        "acceptance_rate": round(accepted / read, 4) if read else 0.0,
+        "resumed": totals["resumed"],
+        "journal_damaged": totals["journal_damaged"],
+        "generated": totals["generated"],
+        "backend_calls": totals["backend_calls"],
+        "accepted_per_s": round(accepted / wall, 3) if wall else 0.0,
+        "shards": cfg.shards,
+        "reject_codes": dict(sorted(codes.items())),
+        "attempts_histogram": dict(sorted(attempts.items(), key=lambda kv: int(kv[0]))),
+        "wall_time_s": round(wall, 3),
+    }
+    work = Path(cfg.work_dir)
+    stats_path = work / "synthesis_stats.json"
+    with atomic_write(stats_path) as handle:
+        json.dump(stats, handle, indent=2)
+    outputs = {
+        "accepted": str(accepted_path),
+        "rejected": str(rejected_path),
+        "stats": str(stats_path),
+    }
+    return stats, outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,6 +890,7 @@ def prompt_emotions(configured: list[str] | None) -> list[str]:
 def add_parser(subparsers) -> None:
     from facial_r1_core.cli import positional_input
     from facial_r1_core.schema import add_skip_bad_records_argument
+    from facial_r1_core.shards import add_shard_arguments
 
     from .stage import add_stage_arguments
 
@@ -728,6 +912,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output", help="accepted JSONL (synthesize.output_file)")
     parser.add_argument("--limit", type=int, help="at most N input records (synthesize.limit)")
     add_skip_bad_records_argument(parser)
+    add_shard_arguments(parser, "synthesize")
     add_stage_arguments(parser, resumable=True)
     parser.set_defaults(func=main)
 
@@ -746,6 +931,8 @@ def main(args) -> int:
             "model_path": args.model,
             "output_file": args.output,
             "limit": args.limit,
+            "shards": getattr(args, "shards", None),
+            "shard": getattr(args, "shard", None),
         },
     )
 
@@ -754,6 +941,10 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     from .generation import create_backend
 
     cfg: SynthesisConfig = ctx.config
+    try:
+        check_shard(cfg.shard, cfg.shards)
+    except ValueError as exc:
+        raise ConfigError(f"synthesize: {exc}") from None
     if not cfg.model_path:
         raise ValueError("synthesize.model_path is not set (or pass --model)")
     cfg.input_file = str(ctx.path(cfg.input_file)) if cfg.input_file else ""
@@ -768,18 +959,26 @@ def _body(ctx) -> tuple[dict[str, Any], dict[str, Any]]:
     model_path = resolve_model_path(ctx, cfg.model_path)
     if not cfg.input_file:
         raise ValueError("synthesize.input_file is not set (or pass INPUT)")
-    accepted_default, rejected_default = default_output_paths(cfg.input_file)
+    if getattr(ctx.args, "merge", False):
+        stats, outputs = merge(cfg, model_id=model_fingerprint(model_path), seed=ctx.seed)
+        ctx.log_artifact(outputs["stats"])
+        ctx.log_artifact(outputs["rejected"], "synthesis")
+        metrics = {k: v for k, v in stats.items() if not isinstance(v, dict)}
+        for code, count in stats["reject_codes"].items():
+            metrics[f"reject_{code}"] = count
+        return outputs, metrics
+    accepted_path, rejected_path, work_dir = output_paths(cfg)
     state = ctx.resume_state(
-        cfg.work_dir,
+        work_dir,
         inputs={"input_file": cfg.input_file, "model": model_path},
         settings={
             "synthesis": {
                 **generation_settings(cfg, ctx.seed),
-                "output_file": cfg.output_file or str(accepted_default),
-                "rejected_file": cfg.rejected_file or str(rejected_default),
+                "output_file": str(accepted_path),
+                "rejected_file": str(rejected_path),
             }
         },
-        leftovers=(Path(cfg.work_dir) / "journal.jsonl").exists(),
+        leftovers=(work_dir / "journal.jsonl").exists(),
     )
     if state.done:
         log.info("synthesis finished earlier with the same inputs and settings (--fresh redoes it)")
