@@ -289,3 +289,16 @@ def test_tiny_model_sharded_evaluation_equals_one_shard(tmp_path, tiny_model):
             test_file=test_file,
             model_id="tiny",
         )
+
+
+@pytest.mark.parametrize("verb", ["synthesize", "evaluate"])
+def test_shards_without_a_slice_or_merge_is_refused_before_any_work(tmp_path, verb, capsys):
+    from facial_r1_core.cli import main as cli_main
+
+    argv = [verb, str(tmp_path / "missing.jsonl"), "--model", str(tmp_path), "--shards", "3"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--shards 3 needs --shard I (0..2" in err and "--merge" in err
+    assert cli_main([*argv, "--shard", "1", "--merge"]) == 2
+    assert "--shard and --merge exclude each other" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no run, no store, no output

@@ -183,3 +183,33 @@ def add_shard_arguments(parser, section: str) -> None:
         action="store_true",
         help="merge the N slices' outputs into the stage's outputs (after every shard ran)",
     )
+
+
+def check_shard_flags(args, section: str) -> None:
+    """Refuse ``--shards N`` (N > 1) that names neither a slice nor the merge: it would
+    otherwise process slice 0 alone and look like a whole run.
+
+    >>> from types import SimpleNamespace as A
+    >>> check_shard_flags(A(shards=2, shard=1, merge=False, overrides=[]), "synthesize")
+    >>> check_shard_flags(A(shards=2, shard=None, merge=True, overrides=[]), "synthesize")
+    >>> check_shard_flags(A(shards=2, shard=None, merge=False, overrides=[]), "synthesize")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    facial_r1_core.shards.ShardError: --shards 2 needs --shard I (0..1: run one slice) or ...
+    >>> check_shard_flags(A(shards=2, shard=0, merge=True, overrides=[]), "evaluate")
+    Traceback (most recent call last):
+    ...
+    facial_r1_core.shards.ShardError: --shard and --merge exclude each other
+    """
+    shards = getattr(args, "shards", None)
+    shard = getattr(args, "shard", None)
+    merge = bool(getattr(args, "merge", False))
+    if shard is not None and merge:
+        raise ShardError("--shard and --merge exclude each other")
+    named = any(o.startswith(f"{section}.shard=") for o in getattr(args, "overrides", None) or [])
+    if shards is not None and shards > 1 and shard is None and not merge and not named:
+        raise ShardError(
+            f"--shards {shards} needs --shard I (0..{shards - 1}: run one slice) "
+            "or --merge (merge the slices)"
+        )

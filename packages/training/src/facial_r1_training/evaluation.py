@@ -32,6 +32,7 @@ equals the unsharded one.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,8 +702,15 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
+    from facial_r1_core.shards import ShardError, check_shard_flags
+
     from .stage import run_stage
 
+    try:
+        check_shard_flags(args, "evaluate")
+    except ShardError as exc:
+        print(f"facial-r1 evaluate: configuration error: {exc}", file=sys.stderr)
+        return 2
     return run_stage(
         args,
         stage="evaluate",

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -918,8 +919,15 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
+    from facial_r1_core.shards import ShardError, check_shard_flags
+
     from .stage import run_stage
 
+    try:
+        check_shard_flags(args, "synthesize")
+    except ShardError as exc:
+        print(f"facial-r1 synthesize: configuration error: {exc}", file=sys.stderr)
+        return 2
     return run_stage(
         args,
         stage="synthesize",
