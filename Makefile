@@ -37,13 +37,21 @@ $(AVENV)/.installed: requirements/orchestrator.lock scripts/install-env.sh $(wil
 	@PYTHON=$(PYTHON) scripts/install-env.sh $(AVENV) requirements/orchestrator.lock $(ORCH_PKGS)
 	@touch $@
 
-test: setup lint test-trainer test-orchestrator ## ruff, every package's tests and doctests, cross-package tests
+# The two environments' suites run side by side (make -j2), each one's output printed whole when
+# it ends (--output-sync); the orchestrator suite runs on two pytest-xdist workers, one file at a
+# time each, its two end-to-end modules first (tests/orchestrator/conftest.py), so the stack's
+# waits overlap the CPU-bound tests. `make test` fails if either suite fails.
+ORCH_WORKERS ?= 2
+test: setup lint ## ruff, every package's tests and doctests, cross-package tests
+	@echo "==> trainer and orchestrator suites side by side (each printed when it ends)"
+	@$(MAKE) --no-print-directory --keep-going -j2 --output-sync=target test-trainer test-orchestrator
 
 test-trainer: setup-trainer
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 test-orchestrator: setup-orchestrator
-	$(AVENV)/bin/python -m pytest -q -p no:cacheprovider -c tests/orchestrator/pytest.ini tests/orchestrator
+	$(AVENV)/bin/python -m pytest -q -p no:cacheprovider -c tests/orchestrator/pytest.ini \
+		-n $(ORCH_WORKERS) --dist loadfile --no-loadscope-reorder tests/orchestrator
 
 lint: setup-trainer ## ruff lint and format check, hadolint on docker/*.Dockerfile
 	$(VENV)/bin/ruff check .

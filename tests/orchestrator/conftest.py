@@ -25,6 +25,18 @@ os.environ["FACIAL_R1_DVC_REMOTE"] = str(_HOME / "dvc-remote")
 os.environ["FACIAL_R1_CACHE"] = str(_HOME / "cache")
 
 
+# The two end-to-end modules take minutes; the rest, seconds. They are collected first so that
+# `make test`'s two workers (pytest-xdist, --dist loadfile --no-loadscope-reorder) start one each
+# at once, and the short modules fill in behind the shorter of the two. Order within a module is
+# kept (test_orch_dag_run.py's second test continues the first one's iteration).
+LONGEST_FIRST = ("test_orch_prodlocal.py", "test_orch_dag_run.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_HOME, ignore_errors=True)
 

@@ -15,21 +15,22 @@ from pathlib import Path
 import pytest
 from facial_r1_pipeline import dvc, lineage
 
+# the smallest budgets that still exercise every stage (two iterations of 4 new pool faces each)
 TINY = [
-    "demo_faces.train=40",
-    "demo_faces.test=16",
+    "demo_faces.train=24",
+    "demo_faces.test=8",
     "demo_faces.pool=8",
     "iteration.slice_size=4",
     "demo_faces.contact_sheet=",
-    "seed_sft.count=40",
+    "seed_sft.count=24",
     "sft.max_steps=2",
     "sft.logging_steps=1",
     "sft.save_steps=1000",
     "grpo.max_steps=1",
     "synthesize.max_retries=0",
-    "synthesize.max_new_tokens=24",
-    "evaluate.limit=8",
-    "evaluate.max_new_tokens=24",
+    "synthesize.max_new_tokens=16",
+    "evaluate.limit=4",
+    "evaluate.max_new_tokens=16",
 ]
 STAGES = ("sft", "evaluate_sft", "grpo", "synthesize", "filter", "evaluate")
 

@@ -1,13 +1,9 @@
-"""SFT stage: data validation with reasons, a tiny training run, resume after a killed run."""
+"""SFT stage: data validation with reasons, a tiny training run (resume after a killed run:
+test_training_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from facial_r1_core.cli import main as cli_main
@@ -328,60 +324,3 @@ def test_sft_without_usable_records_fails_cleanly(home, env, tmp_path):
     )
     assert code == 1
     assert not result.exists()
-
-
-def test_killed_sft_resumes_from_last_checkpoint(home, monkeypatch, tmp_path):
-    root, profile = home
-    env = {
-        **os.environ,
-        "FACIAL_R1_HOME": str(root),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    argv = [
-        sys.executable,
-        "-m",
-        "facial_r1_core.cli",
-        "sft",
-        "--config",
-        str(profile),
-        *FAST,
-        "--max-steps",
-        "40",
-        "--set",
-        "sft.save_steps=3",
-        "--output-dir",
-        "runs/sft-kill",
-    ]
-    ckpt = root / "runs/sft-kill/checkpoints"
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (ckpt / "checkpoint-3" / "trainer_state.json").is_file():
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert not (root / "runs/sft-kill/model").exists()
-    done = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*"))
-    assert done and done[-1] < 40
-    # the rerun (same command) happens in-process: one interpreter start less
-    monkeypatch.setenv("FACIAL_R1_HOME", str(root))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = tmp_path / "resume.json"
-    assert cli_main([*argv[3:], "--result", str(result)]) == 0
-    metrics = json.loads(result.read_text())["metrics"]
-    assert metrics["resumed_from_step"] >= 3
-    assert metrics["resumed_from_step"] in done
-    assert metrics["global_step"] == 40
-    assert (root / "runs/sft-kill/model/model.safetensors").is_file()

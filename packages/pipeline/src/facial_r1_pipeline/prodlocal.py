@@ -234,7 +234,10 @@ def write_config(layout: Layout, creds: dict[str, str], env: dict[str, str]) -> 
         f"database_uri = {auth_db}\n"
         f"admin_username = {MLFLOW_ADMIN}\n"
         f"admin_password = {creds['mlflow_admin_password']}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # one server worker: a checked password is remembered for a minute instead of being
+        # hashed again on every request (each stage makes dozens of tracking calls)
+        "auth_cache_ttl_seconds = 60\n",
     )
     _write_private(
         Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]),
@@ -339,7 +342,7 @@ def _wait(layout: Layout, component: str, check, timeout: float, what: str) -> N
                 return
         except Exception:
             pass
-        time.sleep(1.0)
+        time.sleep(0.25)
     raise StackError(
         f"{component}: not ready after {timeout:.0f} s ({what}); {layout.log(component)}:\n"
         + _log_tail(layout, component)
@@ -490,7 +493,8 @@ def start_postgres(layout: Layout, creds: dict[str, str], env: dict) -> None:
 # --- MLflow and Airflow -----------------------------------------------------------------------
 
 
-def start_mlflow(layout: Layout, creds: dict[str, str], env: dict) -> None:
+def start_mlflow(layout: Layout, creds: dict[str, str], env: dict, *, wait: bool = True) -> None:
+    """Spawn the MLflow server; with ``wait``, return once it answers (else see wait_mlflow)."""
     server = _server_env(layout, creds)
     layout.path("mlflow-artifacts").mkdir(parents=True, exist_ok=True)
     mlflow = repo_root() / ".venv" / "bin" / "mlflow"
@@ -501,6 +505,11 @@ def start_mlflow(layout: Layout, creds: dict[str, str], env: dict) -> None:
     argv += ["--artifacts-destination", server["MLFLOW_ARTIFACTS_DESTINATION"], "--serve-artifacts"]
     argv += ["--host", HOST, "--port", str(layout.ports["mlflow"]), "--workers", "1"]
     _spawn(layout, "mlflow", argv, {**env, **server})
+    if wait:
+        wait_mlflow(layout)
+
+
+def wait_mlflow(layout: Layout) -> None:
     url = f"http://{HOST}:{layout.ports['mlflow']}/health"
     _wait(layout, "mlflow", lambda: _http(url)[0] == 200, 300, f"GET {url}")
 
@@ -509,7 +518,9 @@ def _airflow_bin() -> Path:
     return Path(sys.executable).with_name("airflow")
 
 
-def start_airflow(layout: Layout, creds: dict[str, str], env: dict) -> None:
+def start_airflow(layout: Layout, creds: dict[str, str], env: dict, *, wait: bool = True) -> None:
+    """Migrate the metadata database and spawn the components; with ``wait``, return once they
+    are healthy and the DAG is parsed (else see wait_airflow)."""
     airflow = str(_airflow_bin())
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     log = layout.log("airflow-db-migrate")
@@ -526,7 +537,12 @@ def start_airflow(layout: Layout, creds: dict[str, str], env: dict) -> None:
     _spawn(layout, "airflow-api-server", [airflow, "api-server", "--port", str(port)], env)
     for name in ("scheduler", "dag-processor", "triggerer"):
         _spawn(layout, f"airflow-{name}", [airflow, name], env)
+    if wait:
+        wait_airflow(layout, creds)
 
+
+def wait_airflow(layout: Layout, creds: dict[str, str]) -> None:
+    port = layout.ports["airflow"]
     health = f"http://{HOST}:{port}/api/v2/monitor/health"
     _wait(layout, "airflow-api-server", lambda: _http(health)[0] == 200, 300, f"GET {health}")
 
@@ -586,11 +602,14 @@ def up(layout: Layout) -> dict[str, str]:
     try:
         start_postgres(layout, creds, proc_env)
         print(f"  postgres   {HOST}:{layout.ports['postgres']}  ({time.monotonic() - t0:.0f} s)")
-        start_mlflow(layout, creds, proc_env)
+        # the servers start side by side: MLflow boots while Airflow migrates its database
+        start_mlflow(layout, creds, proc_env, wait=False)
+        start_airflow(layout, creds, proc_env, wait=False)
+        wait_mlflow(layout)
         print(
             f"  mlflow     http://{HOST}:{layout.ports['mlflow']}  ({time.monotonic() - t0:.0f} s)"
         )
-        start_airflow(layout, creds, proc_env)
+        wait_airflow(layout, creds)
         print(
             f"  airflow    http://{HOST}:{layout.ports['airflow']}  ({time.monotonic() - t0:.0f} s)"
         )
