@@ -535,8 +535,11 @@ def start_airflow(layout: Layout, creds: dict[str, str], env: dict, *, wait: boo
         )
     port = layout.ports["airflow"]
     _spawn(layout, "airflow-api-server", [airflow, "api-server", "--port", str(port)], env)
-    for name in ("scheduler", "dag-processor", "triggerer"):
-        _spawn(layout, f"airflow-{name}", [airflow, name], env)
+    # no task-log servers (they would listen on every interface, port 8793): the API server
+    # reads task logs from the shared local log folder
+    _spawn(layout, "airflow-scheduler", [airflow, "scheduler", "--skip-serve-logs"], env)
+    _spawn(layout, "airflow-dag-processor", [airflow, "dag-processor"], env)
+    _spawn(layout, "airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], env)
     if wait:
         wait_airflow(layout, creds)
 
