@@ -632,10 +632,13 @@ def run_task(
     """Run task ``name`` of :data:`FLOW` with the results of the tasks it reads; its result.
 
     A task of :data:`SHARDED` runs slice ``shard``; its merge task reads the list of the
-    slices' results (Airflow hands a lazy sequence: it is turned into a list here).
+    slices' results (Airflow hands a lazy sequence: it is turned into a list here, by one
+    slice request; iterating it would probe one offset past its end and log an error).
     """
     upstream = {
-        k: v if isinstance(v, Mapping) or v is None else [dict(x) for x in v]
+        k: v
+        if isinstance(v, Mapping) or v is None
+        else [dict(x) for x in (v[:] if isinstance(v, Sequence) else v)]
         for k, v in upstream.items()
     }
     if name in SHARDED:
