@@ -10,6 +10,11 @@
 # torch: the trainer lock pins a CPU build (`+cpu`). When no configured find-links folder holds
 # that wheel, uv is asked for its CPU torch backend (`--torch-backend cpu`), which installs the
 # CPU build from the PyTorch project's own index instead of the multi-GB CUDA build on PyPI.
+#
+# Bytecode: both installers compile every installed module (uv with --compile-bytecode, pip by
+# default), and the project's own packages are compiled last. Where PYTHONDONTWRITEBYTECODE is
+# set, Python never writes .pyc files itself, so without this every stage process would compile
+# torch, transformers and trl again on import (about 12 s instead of 5 s each).
 set -euo pipefail
 
 UV_VERSION=0.13.8
@@ -46,7 +51,7 @@ install_with_uv() {
     args+=(--torch-backend cpu)
   fi
   [ -x "$venv/bin/python" ] || "$uv" venv -q --seed --python "$PYTHON" "$venv"
-  "$uv" pip install -q --python "$venv/bin/python" "${args[@]}" -r "$lock"
+  "$uv" pip install -q --compile-bytecode --python "$venv/bin/python" "${args[@]}" -r "$lock"
   if [ ${#packages[@]} -gt 0 ]; then
     "$uv" pip install -q --python "$venv/bin/python" --no-deps "${packages[@]/#/-e}"
   fi
@@ -77,3 +82,6 @@ else
   echo "install-env: uv $UV_VERSION unavailable; installing $lock with pip (slower)" >&2
   install_with_pip
 fi
+for package in "${packages[@]}"; do
+  "$venv/bin/python" -m compileall -q "$package/src" >/dev/null
+done
