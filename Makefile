@@ -145,8 +145,8 @@ k8s-render: setup-orchestrator ## render + validate (offline) the kustomize over
 		--config configs/qwen2.5-vl-7b-vllm-server.yaml --set resources.stages.sft.nodes=2 \
 		--output-dir build/k8s/stages-multinode
 
-figures: setup-trainer ## the README's figures table from the measured runs (record one: python benchmarks/report.py time make demo)
-	$(VENV)/bin/python benchmarks/report.py table
+figures: ## print the README's measured table from runs/figures.json (record: python3 benchmarks/report.py time make demo; write: ... readme)
+	$(PYTHON) benchmarks/report.py table
 
 benchmark-orchestration: setup ## time one embedded iteration: DAG wall time vs the stages' own time (overhead ratio)
 	$(AIRFLOW_ENV) $(AVENV)/bin/python benchmarks/orchestration.py
