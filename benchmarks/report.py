@@ -112,7 +112,14 @@ def time_command(argv: list[str], project: Path) -> int:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A metric as the table writes it.
+
+    >>> _fmt(106.0), _fmt(0.50291), _fmt("n/a")
+    ('106', '0.5029', 'n/a')
+    """
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.4g}"
+    return str(value)
 
 
 def iteration_rows(summary: dict[str, Any], command: str, when: str) -> list[Row]:
@@ -155,6 +162,8 @@ def iteration_rows(summary: dict[str, Any], command: str, when: str) -> list[Row
     synth = (stages.get("synthesize") or {}).get("metrics") or {}
     version = promotion.get("candidate_version")
     if promotion:
+        score = promotion.get("champion_score")
+        champion = "no champion yet" if score is None else f"champion {_fmt(score)}"
         decision = (
             "promoted to `champion`"
             if promotion.get("promoted")
@@ -165,9 +174,9 @@ def iteration_rows(summary: dict[str, Any], command: str, when: str) -> list[Row
                 f"iteration {i}: synthesis, filter and promotion",
                 f"registered v{version} (the GRPO model of iteration {i})",
                 f"`{command}` (tasks `synthesize`, `filter`, `promote`)",
-                f"accepted {synth.get('accepted', 'n/a')} of {synth.get('read', 'n/a')}; score "
-                f"{_fmt(promotion.get('candidate_score'))} vs champion "
-                f"{_fmt(promotion.get('champion_score'))}: {decision}",
+                f"accepted {_fmt(synth.get('accepted', 'n/a'))} of "
+                f"{_fmt(synth.get('read', 'n/a'))}; score {_fmt(promotion.get('candidate_score'))}"
+                f" vs {champion}: {decision}",
                 when,
             )
         )
