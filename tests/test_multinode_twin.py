@@ -25,6 +25,12 @@ from facial_r1_training.testing import write_profile, write_toy_dataset
 TWO_NODES = Resources(nodes=2, processes=1, kind="job")
 
 
+@pytest.fixture(autouse=True)
+def _launcher_files_in_tmp_path(tmp_path, monkeypatch):
+    """torchrun leaves a torchelastic_* folder under TMPDIR per launch: keep those in tmp_path."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     root = tmp_path_factory.mktemp("twin")
