@@ -37,21 +37,26 @@ $(AVENV)/.installed: requirements/orchestrator.lock scripts/install-env.sh $(wil
 	@PYTHON=$(PYTHON) scripts/install-env.sh $(AVENV) requirements/orchestrator.lock $(ORCH_PKGS)
 	@touch $@
 
-# The two environments' suites run side by side (make -j2), each one's output printed whole when
-# it ends (--output-sync); the orchestrator suite runs on two pytest-xdist workers, one file at a
-# time each, its two end-to-end modules first (tests/orchestrator/conftest.py), so the stack's
-# waits overlap the CPU-bound tests. `make test` fails if either suite fails.
+# The two environments' suites run side by side (make -j2); their lines are printed as they come,
+# each prefixed with its suite, and each suite's whole output is also kept in build/test-*.log.
+# The orchestrator suite runs on two pytest-xdist workers, one file at a time each, its two
+# end-to-end modules first (tests/orchestrator/conftest.py), so the stack's waits overlap the
+# CPU-bound tests. `make test` fails if either suite fails.
 ORCH_WORKERS ?= 2
 test: setup lint ## ruff, every package's tests and doctests, cross-package tests
-	@echo "==> trainer and orchestrator suites side by side (each printed when it ends)"
-	@$(MAKE) --no-print-directory --keep-going -j2 --output-sync=target test-trainer test-orchestrator
+	@echo "==> trainer and orchestrator suites side by side (whole logs: build/test-trainer.log, build/test-orchestrator.log)"
+	@$(MAKE) --no-print-directory --keep-going -j2 --output-sync=line test-trainer test-orchestrator
 
 test-trainer: setup-trainer
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	@mkdir -p build
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider 2>&1 \
+		| tee build/test-trainer.log | sed -u 's/^/[trainer] /'
 
 test-orchestrator: setup-orchestrator
+	@mkdir -p build
 	$(AVENV)/bin/python -m pytest -q -p no:cacheprovider -c tests/orchestrator/pytest.ini \
-		-n $(ORCH_WORKERS) --dist loadfile --no-loadscope-reorder tests/orchestrator
+		-n $(ORCH_WORKERS) --dist loadfile --no-loadscope-reorder tests/orchestrator 2>&1 \
+		| tee build/test-orchestrator.log | sed -u 's/^/[orchestrator] /'
 
 lint: setup-trainer ## ruff lint and format check, hadolint on docker/*.Dockerfile
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- figures:begin (python benchmarks/report.py readme) -->"
 END = "<!-- figures:end -->"
-PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ passed.*? in [\d.]+s)")
+#: pytest's last line, optionally prefixed with its suite as `make test` prints it
+PYTEST_SUMMARY = re.compile(r"^(?:\[([\w-]+)\] )?=*\s*(\d+ passed.*? in [\d.]+s)")
 
 Row = tuple[str, str, str, str, str]
 
@@ -86,7 +87,8 @@ def time_command(argv: list[str], project: Path) -> int:
         sys.stdout.write(line)
         match = PYTEST_SUMMARY.match(line.strip())
         if match:
-            suites.append(match.group(1))
+            suite, summary = match.groups()
+            suites.append(f"{suite}: {summary}" if suite else summary)
     code = proc.wait()
     record: dict[str, Any] = {
         "command": " ".join(argv),

@@ -53,13 +53,14 @@ def test_a_timed_iteration_becomes_rows_with_its_model_and_command(report, tmp_p
         "from test_report import _fake_iteration\n"
         "_fake_iteration(pathlib.Path('.'), 1, time.time())\n"
         "print('==== 12 passed, 1 warning in 3.50s ====')\n"
+        "print('[orchestrator] ==== 3 passed in 9.01s (0:00:09) ====')\n"
     )
     (tmp_path / "iteration.py").write_text(script)
     code = report.time_command([sys.executable, "iteration.py"], tmp_path)
     assert code == 0
     (record,) = json.loads((tmp_path / "runs" / "figures.json").read_text())
     assert record["summary"] == "runs/iterations/iter-001-abc/summary.json"
-    assert record["pytest"] == ["12 passed, 1 warning in 3.50s"]
+    assert record["pytest"] == ["12 passed, 1 warning in 3.50s", "orchestrator: 3 passed in 9.01s"]
     assert record["built_environments"] is True  # no .venv in tmp_path
 
     table = report.table([tmp_path])

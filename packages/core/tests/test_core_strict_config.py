@@ -23,13 +23,14 @@ CONFIGS = Path(__file__).parents[3] / "configs"
 TINY = CONFIGS / "tiny-cpu.yaml"
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "qwen2.5-vl-7b.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tiny-cpu.yaml", "qwen2.5-vl-7b.yaml", "qwen2.5-vl-7b-vllm-server.yaml"]
+)
 def test_shipped_profiles_pass_and_every_section_has_its_schema(name):
     profile = load_profile(CONFIGS / name)
     assert set(profile) <= set(PROFILE_SCHEMAS)
     for section in profile:
-        if section != "resources":
-            assert schema_for(section) is not None, section  # all installed in this env
+        assert schema_for(section) is not None, section  # all installed in this env
 
 
 @pytest.mark.parametrize(
@@ -52,6 +53,13 @@ def test_shipped_profiles_pass_and_every_section_has_its_schema(name):
         ("filter.test_fraction=-0.1", "filter.test_fraction: must be >= 0, got -0.1"),
         ("grpo.num_generations=1", "grpo.num_generations: must be >= 2, got 1"),
         ("demo_faces.train=-1", "demo_faces.train: must be >= 0, got -1"),
+        # resources: checked when the profile loads, not when the stage's pod is built
+        ("resources.stages.sft.nodes=0", "resources.stages.sft.nodes: must be >= 1, got 0"),
+        ("resources.stages.grpo.node=2", "resources.stages.grpo: unknown key(s) node"),
+        ("resources.default.memory=lots", "resources.default.memory: 'lots' is not a Kubernetes"),
+        ("resources.imag=x:1", "unknown key resources.imag (did you mean 'image'?)"),
+        ("resources.image=trainer:latest", "resources.image: image 'trainer:latest' uses"),
+        ("resources.stages.sft=3", "resources.stages.sft must be a mapping of resources, not 3"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

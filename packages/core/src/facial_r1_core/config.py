@@ -254,7 +254,6 @@ class IterationSection:
 #: Every profile section and the dataclass that is its schema ("module:Class"). A schema whose
 #: package is not installed (the orchestrator environment has no training package) is skipped:
 #: the section name is still checked, its keys are checked where the stage runs.
-#: ``resources`` (Kubernetes) is checked by the pipeline when pods are rendered.
 PROFILE_SCHEMAS: dict[str, str | None] = {
     "profile": "facial_r1_core.config:ProfileSection",
     "run": "facial_r1_core.config:RunSection",
@@ -269,7 +268,7 @@ PROFILE_SCHEMAS: dict[str, str | None] = {
     "evaluate": "facial_r1_training.evaluation:EvaluateConfig",
     "serving": "facial_r1_training.configs:ServingSection",
     "iteration": "facial_r1_core.config:IterationSection",
-    "resources": None,
+    "resources": "facial_r1_pipeline.k8s:ResourcesSection",
 }
 
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
-from .specs import StageSpec, stage_resources
+from .specs import SpecError, StageSpec, stage_resources
 
 GPU = "nvidia.com/gpu"
 XCOM_RESULT = "/airflow/xcom/return.json"
@@ -106,6 +106,52 @@ class KubeSettings:
                     f"resources.env.{key}: credentials must come from a Secret "
                     f"(resources.secret_env), never a literal value ({value!r:.3}...)"
                 )
+
+
+def check_resources(section: Mapping[str, Any]) -> None:
+    """Check a profile's whole ``resources`` section: the pod settings, ``default`` and every
+    ``stages.<stage>`` entry, as the runners will read them (errors name the key).
+
+    >>> check_resources({"stages": {"sft": {"nodes": 2, "kind": "job"}}})
+    >>> check_resources({"stages": {"sft": {"nodes": 0}}})
+    Traceback (most recent call last):
+    ...
+    facial_r1_pipeline.specs.SpecError: resources.stages.sft.nodes: must be >= 1, got 0
+    """
+    profile = {"resources": dict(section)}
+    KubeSettings.from_profile(profile)
+    stages = section.get("stages") or {}
+    if not isinstance(stages, Mapping):
+        raise K8sConfigError(f"resources.stages must map stage names to resources, not {stages!r}")
+    for stage in ["default", *stages]:
+        where = "resources.default" if stage == "default" else f"resources.stages.{stage}"
+        entry = section.get("default") if stage == "default" else stages[stage]
+        if entry is not None and not isinstance(entry, Mapping):
+            raise SpecError(f"{where} must be a mapping of resources, not {entry!r}")
+        try:
+            stage_resources(profile, stage)
+        except SpecError as exc:  # name the entry that holds the bad value
+            text = str(exc).replace("resources.stages.default", "resources.default")
+            if not text.startswith(where):
+                text = where + text.removeprefix("resources")
+            raise SpecError(text) from None
+
+
+#: The ``resources`` section's schema (``facial_r1_core.config.PROFILE_SCHEMAS``): its keys are
+#: the pod settings plus ``default`` and ``stages``; the values are checked by
+#: :func:`check_resources` when the profile loads, not only when a stage starts.
+ResourcesSection = dataclasses.make_dataclass(
+    "ResourcesSection",
+    [
+        (name, Any, dataclasses.field(default=None))
+        for name in [f.name for f in dataclasses.fields(KubeSettings)] + ["default", "stages"]
+    ],
+    namespace={
+        "__post_init__": lambda self: check_resources(
+            {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        )
+    },
+)
 
 
 def image_problem(image: str) -> str:
