@@ -37,15 +37,16 @@ $(AVENV)/.installed: requirements/orchestrator.lock scripts/install-env.sh $(wil
 	@PYTHON=$(PYTHON) scripts/install-env.sh $(AVENV) requirements/orchestrator.lock $(ORCH_PKGS)
 	@touch $@
 
-# The two environments' suites run side by side (make -j2); their lines are printed as they come,
-# each prefixed with its suite, and each suite's whole output is also kept in build/test-*.log.
+# The two environments' suites run side by side (make -j2); their lines are printed as they come
+# (no output sync: `sed -u` writes each prefixed line at once, so lines do not mix), and each
+# suite's whole output is also kept in build/test-*.log.
 # The orchestrator suite runs on two pytest-xdist workers, one file at a time each, its two
 # end-to-end modules first (tests/orchestrator/conftest.py), so the stack's waits overlap the
 # CPU-bound tests. `make test` fails if either suite fails.
 ORCH_WORKERS ?= 2
 test: setup lint ## ruff, every package's tests and doctests, cross-package tests
 	@echo "==> trainer and orchestrator suites side by side (whole logs: build/test-trainer.log, build/test-orchestrator.log)"
-	@$(MAKE) --no-print-directory --keep-going -j2 --output-sync=line test-trainer test-orchestrator
+	@$(MAKE) --no-print-directory --keep-going -j2 --output-sync=none test-trainer test-orchestrator
 
 test-trainer: setup-trainer
 	@mkdir -p build
