@@ -11,9 +11,10 @@
 # that wheel, uv is asked for its CPU torch backend (`--torch-backend cpu`), which installs the
 # CPU build from the PyTorch project's own index instead of the multi-GB CUDA build on PyPI.
 #
-# Bytecode: both installers compile every installed module (uv with --compile-bytecode, pip by
-# default), and the project's own packages are compiled last. Where PYTHONDONTWRITEBYTECODE is
-# set, Python never writes .pyc files itself, so without this every stage process would compile
+# Bytecode: both installers compile every module they install (uv with --compile-bytecode, pip by
+# default); an environment made before that (no .bytecode-compiled marker) is compiled once with
+# compileall; the project's own packages are compiled last. Where PYTHONDONTWRITEBYTECODE is set,
+# Python never writes .pyc files itself, so without this every stage process would compile
 # torch, transformers and trl again on import (about 12 s instead of 5 s each).
 set -euo pipefail
 
@@ -76,12 +77,21 @@ install_with_pip() {
   fi
 }
 
+new_venv=1
+[ -x "$venv/bin/python" ] && new_venv=0
 if [ "${FACIAL_R1_INSTALLER:-uv}" = uv ] && ensure_uv; then
   install_with_uv
 else
   echo "install-env: uv $UV_VERSION unavailable; installing $lock with pip (slower)" >&2
   install_with_pip
 fi
+marker="$venv/.bytecode-compiled"
+if [ "$new_venv" = 0 ] && [ ! -e "$marker" ]; then
+  echo "install-env: compiling the bytecode of $venv once (made before installs compiled it)" >&2
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$venv/bin/python" -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
+fi
+touch "$marker"
 for package in "${packages[@]}"; do
   "$venv/bin/python" -m compileall -q "$package/src" >/dev/null
 done
