@@ -53,6 +53,7 @@ def test_shipped_profiles_pass_and_every_section_has_its_schema(name):
         ("filter.test_fraction=-0.1", "filter.test_fraction: must be >= 0, got -0.1"),
         ("grpo.num_generations=1", "grpo.num_generations: must be >= 2, got 1"),
         ("demo_faces.train=-1", "demo_faces.train: must be >= 0, got -1"),
+        ("run.torch_threads=-1", "run.torch_threads: must be >= 0, got -1"),
         # resources: checked when the profile loads, not when the stage's pod is built
         ("resources.stages.sft.nodes=0", "resources.stages.sft.nodes: must be >= 1, got 0"),
         ("resources.stages.grpo.node=2", "resources.stages.grpo: unknown key(s) node"),

@@ -206,3 +206,22 @@ def test_unknown_keys_rejected_in_every_section():
         parse_sections({"grpo": {"reward_weights": {"style": 1.0}}})
     with pytest.raises(ConfigError, match="hint_fraction"):
         parse_sections({"sft": {"hint_fraction": 1.5}})
+
+
+def test_torch_threads_zero_means_every_core_none_leaves_torch_alone(monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        stage.set_torch_threads(None)
+        assert torch.get_num_threads() == 1
+        stage.set_torch_threads(0)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        stage.set_torch_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

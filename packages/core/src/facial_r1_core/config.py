@@ -227,7 +227,9 @@ class RunSection:
     """``run``: settings every stage shares."""
 
     seed: int = checked(0, ge=0)
-    torch_threads: int | None = checked(None, ge=1)
+    #: torch threads per stage process; None leaves torch's default, 0 = every core the process may
+    #: use (for stages that run one at a time, as in `make demo`)
+    torch_threads: int | None = checked(None, ge=0)
     work_dir: str = "runs"
     data_root: str = "data"
 

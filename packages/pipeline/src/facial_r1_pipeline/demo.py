@@ -310,10 +310,31 @@ def format_effect(effect: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
+#: ``airflow dags test`` runs one task at a time, so each stage may use every core.
+DEMO_OVERRIDES = ("run.torch_threads=0",)
+
+
+def demo_conf(conf: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The DAG conf ``make demo`` runs: the given one plus :data:`DEMO_OVERRIDES`, except the
+    settings the given overrides already name.
+
+    >>> demo_conf(None)
+    {'overrides': ['run.torch_threads=0']}
+    >>> demo_conf({"overrides": ["run.torch_threads=1"], "shards": 2})
+    {'overrides': ['run.torch_threads=1'], 'shards': 2}
+    """
+    conf = dict(conf or {})
+    given = list(conf.get("overrides") or [])
+    named = {item.partition("=")[0].strip() for item in given}
+    extra = [item for item in DEMO_OVERRIDES if item.partition("=")[0] not in named]
+    conf["overrides"] = extra + given
+    return conf
+
+
 def main(conf: Mapping[str, Any] | None = None, quiet: bool = False) -> int:
     repo = repo_root()
     started = time.time()
-    code, log_path = run_dag_test(repo, conf, quiet=quiet)
+    code, log_path = run_dag_test(repo, demo_conf(conf), quiet=quiet)
     wall = time.time() - started
     summary = load_summary(summary_path(repo))
     fresh = summary is not None and float(summary.get("finished") or 0) >= started

@@ -57,9 +57,11 @@ def seed_everything(seed: int) -> None:
 
 
 def set_torch_threads(threads: int | None) -> None:
-    """Apply ``run.torch_threads`` (one thread is the steady setting on 2-vCPU machines)."""
-    if not threads:
+    """Apply ``run.torch_threads``: None leaves torch's default, 0 means every core this process
+    may use (one thread is the steady setting when several stages share 2 vCPUs)."""
+    if threads is None:
         return
+    threads = int(threads) or len(os.sched_getaffinity(0))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     with contextlib.suppress(ImportError):
         import torch
