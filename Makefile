@@ -44,14 +44,13 @@ $(AVENV)/.installed: requirements/orchestrator.lock scripts/install-env.sh $(wil
 # end-to-end modules first (tests/orchestrator/conftest.py), so the stack's waits overlap the
 # CPU-bound tests. `make test` fails if either suite fails.
 ORCH_WORKERS ?= 2
-test: setup-trainer lint ## ruff, every package's tests and doctests, cross-package tests
+test: setup lint ## ruff, every package's tests and doctests, cross-package tests
 	@echo "==> trainer and orchestrator suites side by side (whole logs: build/test-trainer.log, build/test-orchestrator.log)"
 	@$(MAKE) --no-print-directory --keep-going -j2 --output-sync=none test-trainer test-orchestrator
 
-TRAINER_WORKERS ?= 2
 test-trainer: setup-trainer
 	@mkdir -p build
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TRAINER_WORKERS) --dist loadfile 2>&1 \
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider 2>&1 \
 		| tee build/test-trainer.log | sed -u 's/^/[trainer] /'
 
 test-orchestrator: setup-orchestrator
