@@ -76,3 +76,43 @@ def make_project(tmp: Path, *, git: bool = True) -> Path:
     if git:
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     return project
+
+
+class RecordingApi:
+    """Stands in for CoreV1Api / BatchV1Api: records the calls made to it."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, kwargs))
+
+        return call
+
+
+class _RecordingHook:
+    def __init__(self, api: RecordingApi):
+        self.core_v1_client = self.batch_v1_client = api
+        self.is_in_cluster = False
+
+
+@pytest.fixture
+def fake_cluster():
+    """``install(runner, execute) -> api``: the runner's operators talk to a recording API client
+    (the Kubernetes API boundary: no cluster here) and run ``execute(op)`` instead of the
+    provider's execute; returns the recording client."""
+
+    def install(runner, execute) -> RecordingApi:
+        api, build = RecordingApi(), runner.operator
+
+        def operator(spec):
+            op = build(spec)
+            op.hook = _RecordingHook(api)
+            op.execute = lambda context: execute(op)
+            return op
+
+        runner.operator = operator
+        return api
+
+    return install

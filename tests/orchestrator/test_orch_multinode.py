@@ -275,23 +275,6 @@ def test_server_mode_needs_gpus_for_the_server(repo):
         k8s.render_run(_spec(profile, "grpo"), settings, SERVER_PROFILE, profile)
 
 
-class _Recorder:
-    def __init__(self):
-        self.calls: list[tuple[str, dict]] = []
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.calls.append((name, kwargs))
-
-        return call
-
-
-class _Hook:
-    def __init__(self, api):
-        self.core_v1_client = self.batch_v1_client = api
-        self.is_in_cluster = False
-
-
 class _Companions:
     def __init__(self):
         self.created: list[tuple[str, str]] = []
@@ -304,41 +287,33 @@ class _Companions:
         self.deleted.append((obj["kind"], obj["metadata"]["name"]))
 
 
-def _runner_with_fakes(repo, profile, execute_result, started=None, release=None):
+def _runner_with_fakes(fake_cluster, profile, execute_result, started=None, release=None):
     from kubernetes.client import models as m
 
     runner = KubernetesRunner(profile, GPU_PROFILE)
-    api, companions = _Recorder(), _Companions()
-    build = runner.operator
+    companions = _Companions()
 
-    def operator(spec):
-        op = build(spec)
-        op.hook = _Hook(api)  # the Kubernetes API client boundary: no cluster here
+    def execute(op):
+        meta = m.V1ObjectMeta(name=f"{op.name}-x1", namespace=op.namespace)
+        op.job, op.pods = m.V1Job(metadata=meta), []
+        if started is not None:
+            started.set()
+            release.wait(10)
+            raise RuntimeError("the job was deleted")
+        return execute_result
 
-        def execute(context):
-            meta = m.V1ObjectMeta(name=f"{op.name}-x1", namespace=op.namespace)
-            op.job, op.pods = m.V1Job(metadata=meta), []
-            if started is not None:
-                started.set()
-                release.wait(10)
-                raise RuntimeError("the job was deleted")
-            return execute_result
-
-        op.execute = execute
-        return op
-
-    runner.operator = operator
+    api = fake_cluster(runner, execute)
     runner.companion_client = lambda op: companions
     return runner, api, companions
 
 
-def test_on_kill_deletes_the_job_and_its_service(repo):
+def test_on_kill_deletes_the_job_and_its_service(repo, fake_cluster):
     from facial_r1_pipeline.runners import ownership
 
     profile = _profile(repo, nodes=2)
     spec = _spec(profile, "sft")
     started, release = threading.Event(), threading.Event()
-    runner, api, companions = _runner_with_fakes(repo, profile, None, started, release)
+    runner, api, companions = _runner_with_fakes(fake_cluster, profile, None, started, release)
     errors = []
 
     def run():
@@ -366,14 +341,14 @@ def test_on_kill_deletes_the_job_and_its_service(repo):
     assert len(companions.deleted) == 2 and ownership.active() == []
 
 
-def test_rank0_result_is_taken_and_companions_go_after_success(repo):
+def test_rank0_result_is_taken_and_companions_go_after_success(repo, fake_cluster):
     profile = _profile(repo, nodes=2)
     spec = _spec(profile, "sft")
     ok = {"stage": "sft", "status": "ok", "outputs": {}, "metrics": {"world_size": 16}}
-    runner, _, companions = _runner_with_fakes(repo, profile, [ok, None])
+    runner, _, companions = _runner_with_fakes(fake_cluster, profile, [ok, None])
     assert runner.run(spec, context={})["metrics"] == {"world_size": 16}
     assert sorted(companions.deleted) == sorted(companions.created) and companions.created
-    runner, _, _ = _runner_with_fakes(repo, profile, [None, None])
+    runner, _, _ = _runner_with_fakes(fake_cluster, profile, [None, None])
     with pytest.raises(Exception, match="expected one pod result"):
         runner.run(spec, context={})
 

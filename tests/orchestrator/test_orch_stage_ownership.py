@@ -76,28 +76,8 @@ def test_dag_renders_with_the_kubernetes_runner(k8s_dag, repo):
         assert manifest["kind"] == ("Job" if spec.resources.kind == "job" else "Pod")
 
 
-class RecordingApi:
-    """Stands in for CoreV1Api / BatchV1Api: records the calls made to it."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, dict]] = []
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.calls.append((name, kwargs))
-
-        return call
-
-
-class RecordingHook:
-    def __init__(self, api: RecordingApi):
-        self.core_v1_client = api
-        self.batch_v1_client = api
-        self.is_in_cluster = False
-
-
 @pytest.mark.parametrize("kind", ["pod", "job"])
-def test_on_kill_deletes_the_pod_or_job(k8s_dag, repo, kind):
+def test_on_kill_deletes_the_pod_or_job(k8s_dag, repo, kind, fake_cluster):
     from facial_r1_core.config import load_profile
     from kubernetes.client import models as k8s
 
@@ -113,27 +93,19 @@ def test_on_kill_deletes_the_pod_or_job(k8s_dag, repo, kind):
         resources=stage_resources(profile, stage),
     )
     assert spec.resources.kind == kind
-    api, started, release = RecordingApi(), threading.Event(), threading.Event()
-    build = runner.operator
+    started, release = threading.Event(), threading.Event()
 
-    def operator(spec):
-        op = build(spec)
-        op.hook = RecordingHook(api)  # the API client boundary: no cluster here
+    def execute(op):  # the provider's execute, reduced to "created it, now waiting"
+        meta = k8s.V1ObjectMeta(name=f"{op.name}-x1", namespace=op.namespace)
+        if kind == "job":
+            op.job, op.pods = k8s.V1Job(metadata=meta), []
+        else:
+            op.pod = k8s.V1Pod(metadata=meta)
+        started.set()
+        release.wait(10)
+        raise RuntimeError("the pod was deleted")
 
-        def execute(context):  # the provider's execute, reduced to "created it, now waiting"
-            meta = k8s.V1ObjectMeta(name=f"{op.name}-x1", namespace=op.namespace)
-            if kind == "job":
-                op.job, op.pods = k8s.V1Job(metadata=meta), []
-            else:
-                op.pod = k8s.V1Pod(metadata=meta)
-            started.set()
-            release.wait(10)
-            raise RuntimeError("the pod was deleted")
-
-        op.execute = execute
-        return op
-
-    runner.operator = operator
+    api = fake_cluster(runner, execute)
     errors = []
     thread = threading.Thread(
         target=lambda: errors.append(_catch(lambda: runner.run(spec, context={}))), daemon=True

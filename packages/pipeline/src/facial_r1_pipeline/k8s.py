@@ -338,6 +338,21 @@ def render(spec: StageSpec, settings: KubeSettings, profile_file: str) -> dict[s
     return serialize(obj)
 
 
+def _placeholder_spec(
+    stage: str, profile_file: str, resources, launcher: tuple[str, ...] = ()
+) -> StageSpec:
+    """A stage's spec with the placeholder work dir and run id that ``make k8s-render`` shows."""
+    return StageSpec(
+        stage=stage,
+        command=(stage,),
+        config=profile_file,
+        overrides=(f"run.work_dir=runs/iterations/iter-001/{stage}",),
+        parent_run_id="0" * 32,
+        resources=resources,
+        launcher=launcher,
+    )
+
+
 def render_stages(
     profile: Mapping[str, Any], profile_file: str, gpus: Mapping[str, int] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -348,15 +363,8 @@ def render_stages(
     out = {}
     for stage in STAGES:
         res = stage_resources(profile, stage, (gpus or {}).get(stage))
-        spec = StageSpec(
-            stage=stage,
-            command=(stage,),
-            config=profile_file,
-            overrides=(f"run.work_dir=runs/iterations/iter-001/{stage}",),
-            parent_run_id="0" * 32,
-            resources=res,
-            launcher=launcher_for(profile, stage, res.gpus, settings.config_dir),
-        )
+        launcher = launcher_for(profile, stage, res.gpus, settings.config_dir)
+        spec = _placeholder_spec(stage, profile_file, res, launcher)
         out[stage] = render(spec, settings, profile_file)
     return out
 
@@ -845,14 +853,7 @@ def render_companions(
     settings = KubeSettings.from_profile(profile)
     out = {}
     for stage in STAGES:
-        spec = StageSpec(
-            stage=stage,
-            command=(stage,),
-            config=profile_file,
-            overrides=(f"run.work_dir=runs/iterations/iter-001/{stage}",),
-            parent_run_id="0" * 32,
-            resources=stage_resources(profile, stage),
-        )
+        spec = _placeholder_spec(stage, profile_file, stage_resources(profile, stage))
         if needs_companions(spec, profile):
             out[stage] = render_run(spec, settings, profile_file, profile)
     return out
